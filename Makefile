@@ -1,0 +1,58 @@
+# soundline: `make demo` (install + default corpus + dvc repro), `make test` (install + all tests).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+PYTEST_ARGS ?=
+
+.PHONY: install espeak corpus demo repro test test-unit bench lock clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (soundline needs Python 3.11; set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# requirements.lock pins every package (torch is the CPU build, found via pip's find-links).
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	touch $@
+
+espeak:
+	@command -v espeak-ng >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing espeak-ng (Debian package) for the default corpus"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
+	  else \
+	    echo "error: espeak-ng is missing and cannot be installed here; install it as root:"; \
+	    echo "  apt-get install espeak-ng   (Debian/Ubuntu)   or   brew install espeak-ng (macOS)"; exit 1; \
+	  fi; }
+
+# The default corpus is rebuilt byte-identically, so it matches the committed data.dvc.
+# An existing data/raw (your own data, or `dvc pull`) is never overwritten.
+corpus: install espeak
+	@if [ -d data/raw ]; then echo "data/raw exists: keeping it"; \
+	 else dvc pull -q data.dvc 2>/dev/null || python -m pipeline.corpus --out data/raw; fi
+	dvc status data.dvc
+
+demo: corpus
+	dvc repro
+
+repro: install
+	dvc repro
+
+test: install espeak
+	python -m pytest -n 2 $(PYTEST_ARGS)
+
+test-unit: install
+	python -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: install espeak
+	python benchmarks/featurize.py
+	python benchmarks/repro_noop.py
+
+lock: install
+	{ echo "# Exact versions installed together (pip constraints). Regenerate: make lock"; \
+	  $(BIN)/python -m pip freeze --exclude-editable; } > requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache reports data/features data/manifest.parquet

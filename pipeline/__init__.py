@@ -1,0 +1,1 @@
+"""soundline: a DVC-driven MLOps pipeline for audio and biomedical-signal models."""

@@ -1,0 +1,174 @@
+"""The one module that decodes audio.
+
+Everything that turns bytes into samples (stages, serving, tests) goes through here, so the
+same file is decoded the same way everywhere and a bad file gets the same clear error.
+"""
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import librosa
+import numpy as np
+import soundfile as sf
+
+Source = str | Path | bytes
+
+
+class AudioError(ValueError):
+    """A recording cannot be used; the message names the source and the problem."""
+
+    def __init__(self, source: str, problem: str) -> None:
+        super().__init__(f"{source}: {problem}")
+        self.source = source
+        self.problem = problem
+
+
+class NonFiniteAudio(AudioError):
+    """The file decodes, but some samples are NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """Header facts about a recording (no samples decoded)."""
+
+    sample_rate: int
+    channels: int
+    frames: int
+    subtype: str  # libsndfile subtype, e.g. PCM_16, FLOAT
+    bit_depth: int  # 0 where the format has none (compressed)
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
+
+
+_BIT_DEPTH = {"PCM_U8": 8, "PCM_S8": 8, "PCM_16": 16, "PCM_24": 24, "PCM_32": 32,
+              "FLOAT": 32, "DOUBLE": 64, "ULAW": 8, "ALAW": 8}
+
+
+def _name(source: Source, name: str | None) -> str:
+    if name:
+        return name
+    return "<bytes>" if isinstance(source, bytes) else str(source)
+
+
+def _raw_bytes(source: Source, name: str) -> bytes:
+    if isinstance(source, bytes):
+        data = source
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as err:
+            raise AudioError(name, f"cannot read file ({err.strerror})") from err
+    if not data:
+        raise AudioError(name, "empty file (0 bytes)")
+    return data
+
+
+def _check_riff(data: bytes, name: str) -> None:
+    """Reject WAV files whose data chunk is shorter than its header says.
+
+    libsndfile silently decodes the part that is there, so a copy cut short by a crash or a
+    partial download would otherwise enter the dataset as a shorter, valid-looking clip.
+    """
+    if data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
+        return
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk_id, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        if chunk_id == b"data":
+            available = len(data) - pos - 8
+            # RF64 stores the real size elsewhere and writes 0xFFFFFFFF here.
+            if size != 0xFFFFFFFF and available < size:
+                raise AudioError(
+                    name, f"truncated WAV: data chunk declares {size} bytes, {available} present"
+                )
+            return
+        pos += 8 + size + (size & 1)
+    raise AudioError(name, "WAV file has no data chunk")
+
+
+def _open(data: bytes, name: str) -> sf.SoundFile:
+    try:
+        return sf.SoundFile(io.BytesIO(data))
+    except sf.LibsndfileError as err:
+        raise AudioError(name, f"not a decodable audio file ({err.error_string.rstrip('.')})") from err
+    except (RuntimeError, TypeError) as err:
+        raise AudioError(name, f"not a decodable audio file ({err})") from err
+
+
+def probe(source: Source, name: str | None = None) -> AudioInfo:
+    """Read the header of ``source`` (path or bytes) after the same checks as :func:`decode`."""
+    label = _name(source, name)
+    data = _raw_bytes(source, label)
+    _check_riff(data, label)
+    with _open(data, label) as f:
+        return _info(f)
+
+
+def _info(f: sf.SoundFile) -> AudioInfo:
+    return AudioInfo(sample_rate=f.samplerate, channels=f.channels, frames=f.frames,
+                     subtype=f.subtype, bit_depth=_BIT_DEPTH.get(f.subtype, 0))
+
+
+def decode(source: Source, name: str | None = None) -> tuple[np.ndarray, AudioInfo]:
+    """Decode every sample of ``source``.
+
+    Returns:
+        samples: float32 array (frames, channels), full-scale ±1 for integer formats.
+        info: the header facts.
+    Raises:
+        AudioError: empty, unreadable, truncated, zero-length or non-finite audio.
+    """
+    label = _name(source, name)
+    data = _raw_bytes(source, label)
+    _check_riff(data, label)
+    with _open(data, label) as f:
+        info = _info(f)
+        try:
+            samples = f.read(dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as err:
+            raise AudioError(label, f"decoding failed ({err})") from err
+    if samples.shape[0] == 0:
+        raise AudioError(label, "zero-length audio (no samples)")
+    if not np.isfinite(samples).all():
+        bad = int((~np.isfinite(samples)).sum())
+        raise NonFiniteAudio(label, f"{bad} non-finite samples (NaN or inf)")
+    return samples, info
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """Downmix (frames, channels) to (frames,) by averaging channels."""
+    return samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+
+
+def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Resample a mono float32 wave; a no-op copy-free return when the rates match."""
+    if orig_sr == target_sr:
+        return wave
+    return librosa.resample(wave, orig_sr=orig_sr, target_sr=target_sr, res_type="soxr_hq")
+
+
+def load(source: Source, sample_rate: int, name: str | None = None,
+         max_duration_s: float | None = None) -> np.ndarray:
+    """Decode, downmix and resample to a mono float32 wave at ``sample_rate``.
+
+    ``max_duration_s`` rejects over-long input before decoding it, so a one-hour upload
+    costs a header read, not a full decode.
+    """
+    label = _name(source, name)
+    if max_duration_s is not None:
+        info = probe(source, label)
+        if info.duration_s > max_duration_s:
+            raise AudioError(label, f"too long: {info.duration_s:.1f} s > limit {max_duration_s:g} s")
+    samples, info = decode(source, label)
+    return resample(to_mono(samples), info.sample_rate, sample_rate).astype(np.float32, copy=False)
+
+
+def write_wav(path: Path | BinaryIO, wave: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> None:
+    """Write a wave deterministically (same samples → same bytes)."""
+    sf.write(path, wave, sample_rate, subtype=subtype, format="WAV")

@@ -1,0 +1,108 @@
+"""Stage featurize: log-mel features of every validated recording, with group-aware splits.
+
+Writes one folder:
+  features.npy   (N, n_mels, frames) float32, one contiguous memory-mappable array
+  index.parquet  row, path, label, group, split, fold, energy, duration_s (row = position in the array)
+  meta.json      the feature parameters, shape and class list, so training and serving
+                 compute and read features the same way without reading params.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+
+from pipeline import audio
+from pipeline.config import Section, load_section
+from pipeline.features import FeatureParams, log_mel_batch
+from pipeline.io import atomic_dir, write_json
+from pipeline.parallel import chunked, pmap
+from pipeline.splits import SplitParams, assign, check_leakage
+
+
+class FeaturizeParams(Section):
+    label_column: str = "label"
+    features: FeatureParams = FeatureParams()
+    split: SplitParams = SplitParams()
+    workers: int = 0  # 0: all cores
+    chunk: int = Field(64, gt=0)  # files per worker task (one batched STFT each)
+
+
+def _featurize_chunk(task: tuple[Path, list[str], FeatureParams]) -> tuple[np.ndarray, np.ndarray]:
+    raw_dir, paths, params = task
+    torch.set_num_threads(1)  # one process per core already; more threads would oversubscribe
+    waves = [audio.load(raw_dir / p, params.sample_rate, name=p) for p in paths]
+    return log_mel_batch(waves, params)
+
+
+def featurize(raw_dir: Path, paths: list[str], params: FeatureParams, workers: int,
+              chunk: int, out: Path) -> np.ndarray:
+    """Write features of ``paths`` into ``out`` (.npy, memory-mapped); return their energies."""
+    tasks = [(raw_dir, list(c), params) for c in chunked(paths, chunk)]
+    array = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32,
+                                      shape=(len(paths), params.n_mels, params.frames))
+    energy = np.empty(len(paths), np.float32)
+    pos = 0
+    for feats, e in pmap(_featurize_chunk, tasks, workers, "featurize", chunk=1):
+        array[pos:pos + len(feats)] = feats
+        energy[pos:pos + len(feats)] = e
+        pos += len(feats)
+    array.flush()
+    del array
+    return energy
+
+
+def build_index(manifest: pd.DataFrame, p: FeaturizeParams) -> pd.DataFrame:
+    if p.label_column not in manifest.columns:
+        raise ValueError(f"manifest has no column '{p.label_column}' (featurize.label_column)")
+    index = pd.DataFrame({
+        "row": np.arange(len(manifest)), "path": manifest["path"].to_numpy(),
+        "label": manifest[p.label_column].astype(str).to_numpy(),
+        "group": manifest["group"].astype(str).to_numpy(),
+        "duration_s": manifest["duration_s"].to_numpy(dtype=float),
+    })
+    index[["split", "fold"]] = assign(index["label"], index["group"], p.split)
+    check_leakage(index)
+    return index
+
+
+def run(raw_dir: Path, manifest_path: Path, p: FeaturizeParams, out_dir: Path) -> pd.DataFrame:
+    manifest = pd.read_parquet(manifest_path)
+    if not manifest["readable"].all():
+        raise ValueError(f"{manifest_path}: has unreadable files; run validate_raw first")
+    index = build_index(manifest, p)
+    with atomic_dir(out_dir) as tmp:
+        index["energy"] = featurize(raw_dir, index["path"].tolist(), p.features, p.workers, p.chunk,
+                                    tmp / "features.npy")
+        index.to_parquet(tmp / "index.parquet", index=False)
+        write_json(tmp / "meta.json", {
+            "features": p.features.model_dump(), "label_column": p.label_column,
+            "shape": [len(index), p.features.n_mels, p.features.frames],
+            "classes": sorted(index["label"].unique()),
+        })
+    return index
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw", type=Path, required=True)
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="features folder")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    try:
+        params = load_section("featurize", FeaturizeParams, args.params)
+        index = run(args.raw, args.manifest, params, args.out)
+    except (ValueError, FileNotFoundError, audio.AudioError) as err:
+        sys.exit(f"featurize: {err}")
+    counts = index.groupby(["split", "label"]).size().to_dict()
+    print(f"featurize: {len(index)} clips -> {args.out}; per split/label: {counts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Plain PyTorch models; training, logging and serving wrap them elsewhere."""
+from .cnn import AudioCNN
+from .mae import (
+    MAE_PRESETS,
+    AudioMAEViT,
+    build_mae,
+    mae_base,
+    mae_demo,
+    mae_huge,
+    mae_large,
+    mae_medium,
+    mae_small,
+    mae_tiny,
+)
+
+__all__ = [
+    "AudioCNN",
+    "AudioMAEViT",
+    "MAE_PRESETS",
+    "build_mae",
+    "mae_base",
+    "mae_demo",
+    "mae_huge",
+    "mae_large",
+    "mae_medium",
+    "mae_small",
+    "mae_tiny",
+]
