@@ -1,5 +1,6 @@
 """Plain PyTorch models; training, logging and serving wrap them elsewhere."""
 from .cnn import AudioCNN
+from .heads import EmbeddingClassifier
 from .mae import (
     MAE_PRESETS,
     AudioMAEViT,
@@ -16,6 +17,7 @@ from .mae import (
 __all__ = [
     "AudioCNN",
     "AudioMAEViT",
+    "EmbeddingClassifier",
     "MAE_PRESETS",
     "build_mae",
     "mae_base",

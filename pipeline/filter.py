@@ -1,0 +1,59 @@
+"""Stage filter: list the files to ignore, outliers by reconstruction loss OR signal energy.
+
+Bounds are computed over the training split (``train_recon.csv`` + ``val_recon.csv``) and
+applied to every file, held-out ones included, so the test set is filtered by a rule fixed
+before it is seen. Each quantity has its own rule (params ``filter.reconstruction`` and
+``filter.energy``); a rule with ``mode: null`` is off.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import load_section
+from pipeline.io import write_csv, write_json
+from pipeline.outliers import FilterParams, bounds, select_ignored
+
+
+def run(recon_dir: Path, p: FilterParams) -> tuple[pd.DataFrame, dict]:
+    """Ignored files (with reason and the bounds used) and a summary."""
+    parts = {name: pd.read_csv(recon_dir / f"{name}_recon.csv") for name in ("train", "val", "test")}
+    reference = pd.concat([parts["train"], parts["val"]], ignore_index=True)
+    recon_low, recon_high = bounds(reference["reconstruction_loss"].to_numpy(), p.reconstruction)
+    energy_low, energy_high = bounds(reference["signal_energy"].to_numpy(), p.energy)
+    everything = pd.concat([frame.assign(part=name) for name, frame in parts.items()], ignore_index=True)
+    # Fixed bounds from the reference: hardcode mode applies them as they are to every file.
+    fixed = FilterParams.model_validate({
+        "reconstruction": {"mode": "hardcode", "lower": recon_low, "upper": recon_high} if p.reconstruction.mode else {},
+        "energy": {"mode": "hardcode", "lower": energy_low, "upper": energy_high} if p.energy.mode else {},
+    })
+    ignored = select_ignored(everything, fixed.reconstruction, fixed.energy)
+    ignored = ignored.merge(everything[["filename", "part"]], on="filename", how="left")
+    summary = {"files": len(everything), "ignored": len(ignored),
+               "ignored_by_part": ignored["part"].value_counts().to_dict(),
+               "ignored_by_reason": ignored["reason"].value_counts().to_dict(),
+               "bounds": {"reconstruction_loss": [recon_low, recon_high], "signal_energy": [energy_low, energy_high]}}
+    return ignored, summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recon", type=Path, required=True, help="folder of *_recon.csv from pretrain")
+    parser.add_argument("--out", type=Path, required=True, help="ignored files CSV")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    try:
+        ignored, summary = run(args.recon, load_section("filter", FilterParams, args.params))
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"filter: {err}")
+    write_csv(args.out, ignored)
+    write_json(args.metrics, summary)
+    print(f"filter: ignoring {summary['ignored']} of {summary['files']} files {summary['ignored_by_reason']}")
+
+
+if __name__ == "__main__":
+    main()

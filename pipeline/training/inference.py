@@ -1,0 +1,53 @@
+"""Batched inference over rows of the feature array: reconstruction losses, probabilities, embeddings."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.models import AudioMAEViT
+
+
+def batches(features: np.ndarray, rows: np.ndarray, batch_size: int) -> Iterator[Tensor]:
+    """(B, 1, n_mels, frames) float32 tensors of ``features[rows]`` in order."""
+    for start in range(0, len(rows), batch_size):
+        yield torch.from_numpy(np.asarray(features[rows[start:start + batch_size]], dtype=np.float32))[:, None]
+
+
+@torch.no_grad()
+def apply(fn: Callable[[Tensor], Tensor], model: nn.Module, features: np.ndarray, rows: np.ndarray,
+          batch_size: int = 64) -> np.ndarray:
+    """Concatenate ``fn(batch)`` over all rows with ``model`` in eval mode."""
+    model.eval()
+    if len(rows) == 0:
+        return np.empty(0, np.float32)
+    return np.concatenate([fn(x).cpu().numpy() for x in batches(features, np.asarray(rows), batch_size)])
+
+
+def reconstruction_losses(mae: AudioMAEViT, features: np.ndarray, rows: np.ndarray, seed: int = 0,
+                          batch_size: int = 64) -> np.ndarray:
+    """Per-clip masked-patch MSE (N,); masking is seeded, so a file always gets the same score."""
+    torch.manual_seed(seed)
+
+    def loss(x: Tensor) -> Tensor:
+        _, pred, mask = mae(x)
+        return mae.per_sample_loss(x, pred, mask)
+
+    return apply(loss, mae, features, rows, batch_size)
+
+
+def probabilities(network: nn.Module, features: np.ndarray, rows: np.ndarray, binary: bool,
+                  batch_size: int = 64) -> np.ndarray:
+    """(N,) P(positive) for a single-logit binary network, (N, K) softmax otherwise."""
+    def probs(x: Tensor) -> Tensor:
+        logits = network(x)
+        return torch.sigmoid(logits.squeeze(-1)) if binary else logits.softmax(-1)
+
+    return apply(probs, network, features, rows, batch_size)
+
+
+def embeddings(network: nn.Module, features: np.ndarray, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(N, D) backbone embeddings."""
+    return apply(network.embed, network, features, rows, batch_size)

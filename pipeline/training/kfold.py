@@ -1,0 +1,98 @@
+"""Fit one fold with checkpoints, early stopping and crash-safe resume.
+
+A fold's folder holds ``checkpoints/`` (top-k + ``last.ckpt``), ``history.csv`` (one row per
+epoch) and, once the fold is complete, ``model.safetensors`` and ``result.json``. On a rerun a
+fold with ``result.json`` is not redone, and an unfinished fold resumes from ``last.ckpt``.
+A work folder is tied to a fingerprint of everything that shapes training (params, index,
+features), so stale folds from other settings are never reused.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
+from safetensors.torch import save_file
+
+from pipeline.io import write_json
+from pipeline.training.config import TrainerParams
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable hash of JSON-able parts (params dumps, file digests)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_workdir(work: Path, key: str) -> None:
+    """Keep ``work`` only if it was made for ``key``; otherwise start it afresh."""
+    stamp = work / "fingerprint.txt"
+    if work.exists() and (not stamp.exists() or stamp.read_text().strip() != key):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key + "\n")
+
+
+class EpochHistory(Callback):
+    """Append the epoch's logged metrics to a CSV (kept across resumes; learning curves)."""
+
+    def __init__(self, path: Path, fold: str) -> None:
+        self.path, self.fold = path, fold
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        row = {"fold": self.fold, "epoch": trainer.current_epoch,
+               **{k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}}
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def read_history(path: Path) -> pd.DataFrame:
+    """Epoch rows of a fold; an epoch repeated by a resume keeps its last row."""
+    if not path.exists():
+        return pd.DataFrame()
+    return pd.read_csv(path).drop_duplicates(subset=["fold", "epoch"], keep="last")
+
+
+def fit_fold(name: str, module: L.LightningModule, datamodule: L.LightningDataModule,
+             p: TrainerParams, fold_dir: Path, logger: Any = None) -> dict[str, Any]:
+    """Train (or resume, or skip if done) one fold; return its result record."""
+    result_file = fold_dir / "result.json"
+    if result_file.exists():
+        return {**json.loads(result_file.read_text()), "skipped": True}
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = fold_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:03d}", monitor=p.monitor,
+                                 mode=p.monitor_mode, save_top_k=p.save_top_k, save_last=True,
+                                 auto_insert_metric_name=False)
+    callbacks: list[Callback] = [checkpoint, EpochHistory(fold_dir / "history.csv", name),
+                                 EarlyStopping(monitor=p.monitor, mode=p.monitor_mode, patience=p.patience)]
+    if p.progress_bar:
+        callbacks.append(RichProgressBar())
+    L.seed_everything(p.seed, workers=True, verbose=False)
+    trainer = L.Trainer(default_root_dir=fold_dir, callbacks=callbacks, logger=logger or False,
+                        enable_progress_bar=p.progress_bar, enable_model_summary=False,
+                        num_sanity_val_steps=0, **p.trainer_kwargs())
+    resumed = last.exists()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resumed else None)
+    best = checkpoint.best_model_path or None  # None under fast_dev_run (no checkpoints)
+    metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    save_file({k: v.contiguous() for k, v in module.network.state_dict().items()},
+              str(fold_dir / "model.safetensors"))
+    score = metrics.get(p.monitor)
+    result = {"fold": name, "monitor": p.monitor, "score": None if score is None else float(score),
+              "best_checkpoint": best, "epochs": trainer.current_epoch, "resumed": resumed,
+              "metrics": {k: float(v) for k, v in metrics.items()}}
+    write_json(result_file, result)  # written last: its presence marks the fold complete
+    return {**result, "skipped": False}

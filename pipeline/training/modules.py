@@ -1,0 +1,129 @@
+"""LightningModules: they wire a plain network to its loss, metrics and optimizer, nothing more.
+
+Each mode implements one ``model_step(batch) -> dict`` used by the train, val and test steps.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import Tensor, nn
+
+from pipeline.training.augment import SpecAugment
+from pipeline.training.config import SpecAugmentParams, TrainerParams
+from pipeline.training.losses import TripletLoss
+
+
+class _Base(L.LightningModule):
+    """Shared steps, logging and optimizers; subclasses define ``model_step``."""
+
+    def __init__(self, network: nn.Module, p: TrainerParams) -> None:
+        super().__init__()
+        self.network, self.p = network, p
+        self.metrics: nn.ModuleDict | None = None  # per stage, updated from model_step's probs/targets
+
+    def model_step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> Tensor:
+        out = self.model_step(batch, stage)
+        self.log(f"{stage}/loss", out["loss"], prog_bar=True, on_step=False, on_epoch=True,
+                 batch_size=len(batch[0]))
+        if self.metrics is not None:
+            metrics = self.metrics[f"{stage}_metrics"]
+            metrics.update(out["probs"], out["targets"])
+            self.log_dict(metrics, on_step=False, on_epoch=True)
+        return out["loss"]
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+        # Linear warmup per optimizer step; the epoch-level scheduler takes over afterwards.
+        if self.p.scheduler == "one_cycle" or self.p.warmup_epochs <= 0:
+            return
+        warmup_steps = max(1, math.ceil(self.p.warmup_epochs * self.trainer.num_training_batches
+                                        / self.p.accumulate_grad_batches))
+        step = self.trainer.global_step
+        if step < warmup_steps:
+            for group in self.optimizers().param_groups:
+                group["lr"] = self.p.lr * (step + 1) / warmup_steps
+
+    def configure_optimizers(self) -> dict:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.p.lr, weight_decay=self.p.weight_decay)
+        if self.p.scheduler == "none":
+            return {"optimizer": opt}
+        if self.p.scheduler == "cosine_restarts":
+            sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=self.p.restart_epochs)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if self.p.scheduler == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=self.p.monitor_mode,
+                                                               patience=max(1, self.p.patience // 2))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.p.monitor}}
+        steps = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.p.lr, total_steps=max(steps, 1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class MAEModule(_Base):
+    """Mode ``auto``: masked-autoencoder pretraining; the loss is MSE on masked patches."""
+
+    def model_step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> dict[str, Tensor]:
+        loss, _, _ = self.network(batch[0])
+        return {"loss": loss}
+
+
+class ClassifierModule(_Base):
+    """Mode ``classifier``: logits from any network, a class-imbalance loss, SpecAugment on train."""
+
+    def __init__(self, network: nn.Module, p: TrainerParams, loss: nn.Module, num_outputs: int,
+                 augment: SpecAugmentParams | None = None) -> None:
+        super().__init__(network, p)
+        self.loss_fn, self.binary = loss, num_outputs == 1
+        self.augment = SpecAugment(**augment.model_dump()) if augment else None
+        task = {"task": "binary"} if self.binary else {"task": "multiclass", "num_classes": num_outputs}
+        self.metrics = nn.ModuleDict({
+            f"{stage}_metrics": torchmetrics.MetricCollection({
+                "acc": torchmetrics.Accuracy(**task),
+                "f1": torchmetrics.F1Score(**task, **({} if self.binary else {"average": "macro"})),
+                "auroc": torchmetrics.AUROC(**task),
+            }, prefix=f"{stage}/") for stage in ("train", "val", "test")
+        })
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """(B, K) or (B, 1) logits → (B,) P(positive) for binary, (B, K) softmax otherwise."""
+        return torch.sigmoid(logits.squeeze(-1)) if self.binary else logits.softmax(-1)
+
+    def model_step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> dict[str, Tensor]:
+        specs, targets, _ = batch
+        if stage == "train" and self.augment is not None:
+            specs = self.augment(specs)
+        logits = self.network(specs)
+        loss = self.loss_fn(logits.squeeze(-1) if self.binary else logits, targets)
+        return {"loss": loss, "probs": self.probabilities(logits.detach()), "targets": targets}
+
+
+class TripletModule(_Base):
+    """Mode ``triplet``: metric learning on backbone embeddings (optionally + MAE reconstruction)."""
+
+    def __init__(self, network: nn.Module, p: TrainerParams, loss: TripletLoss) -> None:
+        super().__init__(network, p)
+        self.loss_fn = loss
+
+    def model_step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> dict[str, Tensor]:
+        specs, targets, _ = batch
+        embeddings = self.network.embed(specs)
+        if self.loss_fn.recon == "none":
+            return {"loss": self.loss_fn(embeddings, targets)}
+        _, pred, mask = self.network(specs)  # the MAE's own masked reconstruction
+        target = self.network.patchify(specs)
+        masked = mask.bool()
+        return {"loss": self.loss_fn(embeddings, targets, pred[masked], target[masked])}

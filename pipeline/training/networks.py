@@ -1,0 +1,45 @@
+"""Build networks from a JSON-able spec, so an exported model can be rebuilt without its code path.
+
+A spec is ``{"arch": "cnn"|"mae", "task": "classifier"|"embedder"|"mae", "kwargs": {...},
+"num_outputs": int, "dropout": float}``; it is saved next to the exported weights.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from pipeline.models import AudioCNN, AudioMAEViT, EmbeddingClassifier, build_mae
+from pipeline.training.config import ModelParams
+
+
+def make_spec(p: ModelParams, n_mels: int, frames: int, task: str, num_outputs: int = 0) -> dict[str, Any]:
+    if p.arch == "cnn":
+        if task == "mae":
+            raise ValueError("mode auto (MAE pretraining) needs model.arch: mae")
+        kwargs = {"n_mels": n_mels, "frames": frames, "num_classes": max(num_outputs, 1),
+                  "dropout": p.dropout, **p.overrides}
+    else:
+        kwargs = {"preset": p.mae_preset, "num_mels": n_mels, "mel_len": frames, "patch_size": p.patch_size,
+                  "mask_ratio": p.mask_ratio, "norm_pix_loss": p.norm_pix_loss, **p.overrides}
+    return {"arch": p.arch, "task": task, "kwargs": kwargs, "num_outputs": num_outputs, "dropout": p.dropout}
+
+
+def build_mae_from(kwargs: dict[str, Any]) -> AudioMAEViT:
+    kwargs = dict(kwargs)
+    return build_mae(kwargs.pop("preset"), **kwargs)
+
+
+def build_network(spec: dict[str, Any]) -> nn.Module:
+    """The network a spec describes: an AudioCNN, an AudioMAEViT, or an MAE with a head."""
+    if spec["arch"] == "cnn":
+        return AudioCNN(**spec["kwargs"])
+    mae = build_mae_from(spec["kwargs"])
+    if spec["task"] == "classifier":
+        return EmbeddingClassifier(mae, mae.embed_dim, spec["num_outputs"], spec["dropout"])
+    return mae
+
+
+def backbone_of(network: nn.Module) -> nn.Module:
+    """The part whose weights pretraining provides (the MAE inside a classifier)."""
+    return network.backbone if isinstance(network, EmbeddingClassifier) else network
