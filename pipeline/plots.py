@@ -34,3 +34,28 @@ def learning_curves(history: pd.DataFrame, metrics: list[str]) -> Figure:
     axes[0, -1].legend(fontsize=7, title="fold")
     fig.tight_layout()
     return fig
+
+
+def confusion(matrix: np.ndarray, classes: list[str]) -> Figure:
+    """Confusion matrix with counts; rows are actual classes, columns predicted."""
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1 + 0.6 * len(classes)))
+    ax.imshow(matrix, cmap="Blues")
+    for (r, c), count in np.ndenumerate(matrix):
+        ax.text(c, r, str(count), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=45)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    fig.tight_layout()
+    return fig
+
+
+def roc_pr(y_true: np.ndarray, score: np.ndarray) -> Figure:
+    """ROC and precision-recall curves of a binary score."""
+    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
+
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(8, 3.5))
+    RocCurveDisplay.from_predictions(y_true, score, ax=roc)
+    PrecisionRecallDisplay.from_predictions(y_true, score, ax=pr)
+    fig.tight_layout()
+    return fig

@@ -296,3 +296,44 @@ def model_version_tags(name: str, version: str) -> dict[str, str]:
     """Tags of one registered model version."""
     with _explain_unreachable():
         return dict(_client().get_model_version(name, version).tags)
+
+
+def version_run_id(name: str, version: str) -> str:
+    """The run that logged a registered model version."""
+    with _explain_unreachable():
+        return str(_client().get_model_version(name, version).run_id)
+
+
+def download_artifact(run_id: str, artifact_path: str, dst: Path) -> Path:
+    """Copy one artifact (file or folder) of a run into ``dst``; returns the local path."""
+    configure()
+    dst.mkdir(parents=True, exist_ok=True)
+    with _explain_unreachable():
+        try:
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                            dst_path=str(dst)))
+        except MlflowException as err:
+            raise FileNotFoundError(f"run {run_id} has no artifact '{artifact_path}'") from err
+
+
+def stage_runs(stage: str, dvc_experiments: list[str] | None = None) -> list[dict[str, Any]]:
+    """Finished runs of ``stage``, newest first: {run_id, dvc_experiment, metrics}.
+
+    With ``dvc_experiments``, only the newest run of each named DVC experiment; otherwise the
+    newest run of every DVC experiment found.
+    """
+    configure()
+    check_reachable()
+    experiment = mlflow.get_experiment_by_name(experiment_name())
+    if experiment is None:
+        return []
+    with _explain_unreachable():
+        runs = _client().search_runs([experiment.experiment_id],
+                                     f"tags.`{TAG_STAGE}` = '{stage}' and attributes.status = 'FINISHED'",
+                                     order_by=["attributes.start_time DESC"], max_results=1000)
+    newest: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        name = r.data.tags.get(TAG_DVC_EXPERIMENT, "workspace")
+        if name not in newest and (dvc_experiments is None or name in dvc_experiments):
+            newest[name] = {"run_id": r.info.run_id, "dvc_experiment": name, "metrics": dict(r.data.metrics)}
+    return list(newest.values())

@@ -135,6 +135,8 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
                           str(work / f"fold_{fold}" / "centroids.safetensors"))
             results.append(result)
         summary = summarize(results, p.trainer)
+        # A partial run must never reach the registry's champion (see the register stage).
+        summary["partial"] = bool(p.trainer.fast_dev_run or p.trainer.overfit_batches or p.folds is not None)
         best = summary["final_fold"]
         history = pd.concat([read_history(work / f"fold_{f}" / "history.csv") for f in folds], ignore_index=True)
         with atomic_dir(model_dir) as tmp:

@@ -78,6 +78,24 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def build_reduced_corpus() -> Callable[[Path], Path]:
+    """Build the reduced default corpus into a given folder (for determinism checks)."""
+    from pipeline.corpus import build
+
+    def make(out: Path) -> Path:
+        build(out, **REDUCED)
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def params_writer() -> Callable[[Path, Mapping[str, Any] | None], Path]:
+    """:func:`write_params`: the repo's params.yaml deep-updated, written to a given path."""
+    return write_params
+
+
 @pytest.fixture
 def params_file(tmp_path: Path) -> Callable[..., Path]:
     """Factory: ``params_file({"featurize": {"split": {"n_folds": 2}}})`` -> path of a params.yaml

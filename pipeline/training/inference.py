@@ -18,9 +18,16 @@ def batches(features: np.ndarray, rows: np.ndarray, batch_size: int) -> Iterator
 
 @torch.no_grad()
 def apply(fn: Callable[[Tensor], Tensor], model: nn.Module, features: np.ndarray, rows: np.ndarray,
-          batch_size: int = 64) -> np.ndarray:
-    """Concatenate ``fn(batch)`` over all rows with ``model`` in eval mode."""
+          batch_size: int = 64, mc_dropout: bool = False) -> np.ndarray:
+    """Concatenate ``fn(batch)`` over all rows with ``model`` in eval mode.
+
+    ``mc_dropout`` leaves dropout layers sampling (Monte-Carlo dropout); all else stays in eval.
+    """
     model.eval()
+    if mc_dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.train()
     if len(rows) == 0:
         return np.empty(0, np.float32)
     return np.concatenate([fn(x).cpu().numpy() for x in batches(features, np.asarray(rows), batch_size)])
@@ -39,13 +46,13 @@ def reconstruction_losses(mae: AudioMAEViT, features: np.ndarray, rows: np.ndarr
 
 
 def probabilities(network: nn.Module, features: np.ndarray, rows: np.ndarray, binary: bool,
-                  batch_size: int = 64) -> np.ndarray:
+                  batch_size: int = 64, mc_dropout: bool = False) -> np.ndarray:
     """(N,) P(positive) for a single-logit binary network, (N, K) softmax otherwise."""
     def probs(x: Tensor) -> Tensor:
         logits = network(x)
         return torch.sigmoid(logits.squeeze(-1)) if binary else logits.softmax(-1)
 
-    return apply(probs, network, features, rows, batch_size)
+    return apply(probs, network, features, rows, batch_size, mc_dropout)
 
 
 def embeddings(network: nn.Module, features: np.ndarray, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Shared integration fixtures: a real MLflow tracking server on loopback."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -78,16 +79,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group; SIGKILL whatever is left after 10 s."""
+    """SIGTERM the server's process group, then SIGKILL whatever is left of it."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=10)
-    except ProcessLookupError:
-        return  # already gone
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # stragglers (workers) may outlive the parent
-    except ProcessLookupError:
-        pass
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass  # already gone, or hanging: the SIGKILL below settles both
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # a worker may outlive its parent
     process.wait()

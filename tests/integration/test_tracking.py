@@ -6,17 +6,14 @@ import time
 import uuid
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from pydantic import BaseModel
 
 from pipeline import tracking
-
-matplotlib.use("Agg")  # no display on CI
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 class TrainParams(BaseModel):
@@ -77,10 +74,9 @@ def test_stage_run_logs_params_tags_metrics_artifacts_and_children(
         run.log_artifact(report, "reports")
         run.log_dict({"a": 1}, "summary.json")
         run.log_text("hello", "notes/hello.txt")
-        fig, ax = plt.subplots()
-        ax.plot([0, 1], [1, 0])
+        fig = Figure()  # no pyplot: no GUI backend, no global figure state
+        fig.subplots().plot([0, 1], [1, 0])
         run.log_figure(fig, "plots/loss.png")
-        plt.close(fig)
         with run.child("fold-0", TrainParams()) as child:
             child.log_metrics({"val_loss": 0.3}, step=2)
             run.log_metrics({"outer": 1.0})  # the parent handle still writes to the parent
@@ -103,6 +99,7 @@ def test_stage_run_logs_params_tags_metrics_artifacts_and_children(
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.25)]
     artifacts = {a.path for a in server.list_artifacts(run.run_id)}
     assert {"reports", "summary.json", "notes", "plots"} <= artifacts
+    assert [a.path for a in server.list_artifacts(run.run_id, "plots")] == ["plots/loss.png"]
     summary = server.download_artifacts(run.run_id, "summary.json", str(tmp_path))
     assert json.loads(Path(summary).read_text()) == {"a": 1}
 

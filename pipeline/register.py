@@ -1,0 +1,148 @@
+"""Stage register: log the trained model to the MLflow registry and run the champion gate.
+
+The challenger (this run's model) is registered with provenance tags (git commit, md5 of
+data.dvc, DVC experiment, params hash). It takes alias ``champion`` only when no champion
+exists, or when it beats the champion on the same test files: a paired test (exact McNemar
+on per-file correctness, or paired bootstrap of the metric) below ``alpha`` and an improvement
+of at least ``min_improvement``. Partial runs (fast_dev_run, a subset of folds) never move it.
+Every decision is written to a declared output and appended to an audit log kept in git.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import Field
+from sklearn import metrics as skm
+
+from pipeline import tracking
+from pipeline.config import Section, load_section
+from pipeline.evaluation import ExportedModel
+from pipeline.io import atomic_path, write_json
+from pipeline.stats import mcnemar_exact, paired_bootstrap
+
+METRICS = {"accuracy": skm.accuracy_score, "balanced_accuracy": skm.balanced_accuracy_score,
+           "f1_macro": lambda y, p: skm.f1_score(y, p, average="macro")}
+
+
+class RegisterParams(Section):
+    model_name: str = "soundline"
+    alias: str = "champion"
+    metric: Literal["accuracy", "balanced_accuracy", "f1_macro"] = "balanced_accuracy"
+    test: Literal["mcnemar", "bootstrap"] = "mcnemar"
+    alpha: float = Field(0.05, gt=0, lt=1)
+    min_improvement: float = 0.0
+    bootstrap_resamples: int = Field(2000, ge=100)
+    seed: int = 0
+
+
+def gate(challenger: pd.DataFrame, champion: pd.DataFrame | None, p: RegisterParams) -> dict:
+    """Decide whether the challenger takes the alias. Tables: path, label, predicted, correct, kept."""
+    if champion is None:
+        return {"move": True, "why": "no champion yet"}
+    both = challenger[challenger["kept"]].merge(champion, on="path", suffixes=("", "_champion"))
+    if len(both) < challenger["kept"].sum() or len(both) == 0:
+        return {"move": False, "why": f"champion was evaluated on other test files "
+                                      f"({len(both)} of {int(challenger['kept'].sum())} shared); not comparable"}
+    score = METRICS[p.metric]
+    new, old = score(both["label"], both["predicted"]), score(both["label"], both["predicted_champion"])
+    decision = {"metric": p.metric, "challenger": float(new), "champion": float(old),
+                "improvement": float(new - old), "n_files": len(both)}
+    if p.test == "mcnemar":
+        result = mcnemar_exact(both["correct_champion"].to_numpy(bool), both["correct"].to_numpy(bool))
+        decision.update(test="mcnemar", p_value=result.p_value, discordant=[result.b, result.c])
+    else:
+        labels = sorted(set(both["label"]) | set(both["predicted"]) | set(both["predicted_champion"]))
+        code = {c: i for i, c in enumerate(labels)}
+        y, a, b = (both[c].map(code).to_numpy() for c in ("label", "predicted_champion", "predicted"))
+        result = paired_bootstrap(METRICS[p.metric], y, a, b, n_resamples=p.bootstrap_resamples, seed=p.seed)
+        decision.update(test="paired_bootstrap", p_value=result.p_value, ci=[result.low, result.high])
+    wins = new - old >= p.min_improvement and new > old and decision["p_value"] < p.alpha
+    decision["move"] = bool(wins)
+    decision["why"] = ("challenger is significantly better" if wins else
+                       f"not better enough: improvement {new - old:+.4f} (min {p.min_improvement}), "
+                       f"p={decision['p_value']:.4g} (alpha {p.alpha})")
+    return decision
+
+
+def provenance(data_dvc: Path, params_file: Path) -> dict[str, str]:
+    outs = yaml.safe_load(data_dvc.read_text())["outs"]
+    tags = {"data_dvc_md5": str(outs[0].get("md5")),
+            "params_sha256": hashlib.sha256(params_file.read_bytes()).hexdigest()[:16]}
+    if commit := tracking.git_commit():
+        tags["git_commit"] = commit
+    if exp := tracking.dvc_experiment():
+        tags["dvc_experiment"] = exp
+    return tags
+
+
+def champion_predictions(p: RegisterParams, version: str | None) -> pd.DataFrame | None:
+    if version is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracking.download_artifact(tracking.version_run_id(p.model_name, version),
+                                          "evaluation/predictions.csv", Path(tmp))
+        return pd.read_csv(path)[["path", "predicted", "correct"]]
+
+
+def run(model_dir: Path, predictions_csv: Path, train_metrics: Path, features_dir: Path, data_dvc: Path,
+        params_file: Path, p: RegisterParams, decision_out: Path, audit_log: Path) -> dict:
+    challenger = pd.read_csv(predictions_csv)
+    train = json.loads(train_metrics.read_text())
+    if train.get("partial"):
+        raise ValueError(f"{train_metrics}: training was partial (fast_dev_run, overfit or a subset "
+                         "of folds); refusing to register it")
+    model = ExportedModel.load(model_dir)
+    example = np.asarray(np.load(features_dir / "features.npy", mmap_mode="r")[:2], dtype=np.float32)[:, None]
+    tags = provenance(data_dvc, params_file)
+    with tracking.stage_run("register", p, tags=tags) as stage:
+        champion = tracking.get_alias_version(p.model_name, p.alias)
+        uri = tracking.log_pytorch_model(model.network, "model", example, metadata=model.info)
+        stage.log_artifact(model_dir, "soundline_model")  # safetensors + model.json: loaded without pickle
+        stage.log_text(predictions_csv.read_text(), "evaluation/predictions.csv")
+        version = tracking.register(uri, p.model_name, tags)
+        try:
+            decision = gate(challenger, champion_predictions(p, champion), p)
+        except FileNotFoundError as err:  # a champion we cannot compare with keeps its alias
+            decision = {"move": False, "why": f"champion v{champion} cannot be compared: {err}"}
+        if decision["move"]:
+            tracking.set_alias(p.model_name, p.alias, version)
+        record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": p.model_name,
+                  "alias": p.alias, "challenger_version": version, "champion_version": champion,
+                  "holder_after": version if decision["move"] else champion, **tags, **decision}
+        stage.log_dict(record, "register/decision.json")
+    write_json(decision_out, record)
+    previous = audit_log.read_text() if audit_log.exists() else ""
+    with atomic_path(audit_log) as tmp:
+        tmp.write_text(previous + json.dumps(record, sort_keys=True, default=str) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("model", "predictions", "train-metrics", "features", "data-dvc", "decision", "audit-log"):
+        parser.add_argument(f"--{name}", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    try:
+        params = load_section("register", RegisterParams, args.params)
+        record = run(args.model, args.predictions, args.train_metrics, args.features, args.data_dvc,
+                     args.params, params, args.decision, args.audit_log)
+    except (ValueError, FileNotFoundError, tracking.TrackingUnavailable) as err:
+        sys.exit(f"register: {err}; the registry alias was not changed")
+    moved = "moved to" if record["move"] else "stays at"
+    print(f"register: {record['model']} v{record['challenger_version']}; @{record['alias']} {moved} "
+          f"v{record['holder_after']} ({record['why']})")
+
+
+if __name__ == "__main__":
+    main()
