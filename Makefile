@@ -5,7 +5,7 @@ BIN    := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: install espeak corpus demo repro test test-unit bench lock clean
+.PHONY: install espeak corpus demo repro compare test test-unit bench lock clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,7 @@ espeak:
 corpus: install espeak
 	@if [ -d data/raw ]; then echo "data/raw exists: keeping it"; \
 	 else dvc pull -q data.dvc 2>/dev/null || python -m pipeline.corpus --out data/raw; fi
+	dvc commit -q -f data.dvc  # into the DVC cache (queued experiments check data out from it)
 	dvc status data.dvc
 
 demo: corpus
@@ -39,6 +40,19 @@ demo: corpus
 
 repro: install
 	dvc repro
+
+# Four variants side by side (dvc exp run --queue), then the paired comparison table.
+# Queued experiments run in temporary workspaces: MLflow must be an absolute URI.
+compare: export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+LABEL_FRACTION ?= 1.0
+COMPARE_SET ?= -S train.label_fraction=$(LABEL_FRACTION)
+compare: corpus
+	dvc exp run --queue -n cnn $(COMPARE_SET) -S train.model.arch=cnn
+	dvc exp run --queue -n cnn-focal $(COMPARE_SET) -S train.model.arch=cnn -S train.loss=focal
+	dvc exp run --queue -n mae-scratch $(COMPARE_SET) -S train.model.arch=mae -S train.init_from_pretrain=false
+	dvc exp run --queue -n mae-pretrained $(COMPARE_SET) -S train.model.arch=mae -S train.init_from_pretrain=true
+	dvc exp run --run-all -j 1
+	python -m pipeline.compare --experiments cnn cnn-focal mae-scratch mae-pretrained
 
 test: install espeak
 	python -m pytest -n 2 $(PYTEST_ARGS)

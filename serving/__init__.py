@@ -1,0 +1,1 @@
+"""BentoML service for the @champion soundline model (see serving/service.py)."""
