@@ -11,8 +11,13 @@ Both run in one process on the same FSDD recordings (8 kHz, read in place from
            -> librosa.power_to_db(ref=1.0, amin=1e-10, top_db) -> the same normalization
 
 Both are warmed up on a few files first (imports, numba JIT, filterbank caches), then timed
-``--repeats`` times; the median counts. Throughput is audio-seconds (of the source files) per
-wall-clock second. Writes benchmarks/results/featurize.json; the last line printed is
+``--repeats`` times, alternating (ours, librosa, ours, ...) so both see the same machine load;
+the median counts. The librosa loop is one process with numpy's BLAS limited to one thread
+(``--librosa-blas-threads``): librosa projects on the mel filterbank with a BLAS einsum, and
+on a busy 2-core machine OpenBLAS's spinning threads make it 4-10x slower and erratic, which
+would flatter our speedup; one thread is the loop at its fastest and steadiest there.
+Throughput is audio-seconds (of the source files) per wall-clock second. Writes
+benchmarks/results/featurize.json; the last line printed is
 ``featurize_speedup_vs_librosa=X``. ``--profile`` adds a single-core breakdown of our path
 (read+decode, resample, features, process-pool overhead).
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +35,7 @@ from pathlib import Path
 import librosa
 import numpy as np
 import soundfile as sf
+from threadpoolctl import threadpool_limits
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -87,6 +94,18 @@ def timed(fn, repeats: int) -> tuple[float, list[float], object]:
     return statistics.median(times), times, result
 
 
+def alternate(fns: dict[str, object], repeats: int) -> dict[str, tuple[float, list[float], object]]:
+    """Time each function ``repeats`` times, round-robin; name -> (median, times, last result)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    results: dict[str, object] = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t), t, results[name]) for name, t in times.items()}
+
+
 def profile(names: list[str], fp: FeaturizeParams, tmp: Path, repeats: int) -> dict[str, float]:
     """Seconds spent by our path in each step, on one core (no process pool), plus the pool."""
     p = fp.features
@@ -116,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--profile", action="store_true", help="also time each step of our path")
+    parser.add_argument("--librosa-blas-threads", type=int, default=1,
+                        help="BLAS threads for the librosa loop (0: numpy's default)")
     args = parser.parse_args(argv)
     if not FSDD.is_dir():
         raise SystemExit(f"FSDD not found at {FSDD} (the `shared` folder beside the repo)")
@@ -128,10 +149,17 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
+
+        def plain_loop() -> np.ndarray:
+            with threadpool_limits(args.librosa_blas_threads or None, user_api="blas"):
+                return librosa_loop(paths, p)
+
+        load_before = os.getloadavg()[0]
         ours(names[:2 * fp.chunk], fp, tmp)  # two tasks: the process pool path, as timed
         librosa_loop(paths[:WARMUP_FILES], p)
-        t_ours, ours_times, ours_out = timed(lambda: ours(names, fp, tmp), args.repeats)
-        t_lib, lib_times, lib_out = timed(lambda: librosa_loop(paths, p), args.repeats)
+        timings = alternate({"ours": lambda: ours(names, fp, tmp), "librosa": plain_loop}, args.repeats)
+        (t_ours, ours_times, ours_out), (t_lib, lib_times, lib_out) = timings["ours"], timings["librosa"]
+        load_after = os.getloadavg()[0]
         breakdown = profile(names, fp, tmp, 1) if args.profile else None
 
     diff = np.abs(np.asarray(ours_out) - np.asarray(lib_out))
@@ -150,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
             "mean_abs_diff_db": round(float(diff.mean()) * scale, 6),
             "params": p.model_dump(),
             "chunk": fp.chunk,
+            "librosa_blas_threads": args.librosa_blas_threads or "default",
+            "load_average_before_after": [round(load_before, 2), round(load_after, 2)],
             "source": "FSDD 8 kHz, resampled to featurize.features.sample_rate",
             **({"profile_single_core_seconds": {k: round(v, 3) for k, v in breakdown.items()}} if breakdown else {}),
         },

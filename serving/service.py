@@ -21,6 +21,7 @@ import bentoml
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from pydantic import Field
 from starlette.responses import JSONResponse
 
@@ -33,7 +34,7 @@ from pipeline.stats import group_vote
 
 class ServeParams(Section):
     max_batch_size: int = Field(32, ge=2)  # BentoML needs > 1; SOUNDLINE_BATCHING=0 disables batching
-    max_latency_ms: int = Field(100, gt=0)
+    max_latency_ms: int = Field(10000, gt=0)  # queued longer: 503 (BentoML sheds load)
     max_upload_mb: float = Field(10.0, gt=0)
     max_duration_s: float = Field(30.0, gt=0)
 
@@ -41,7 +42,21 @@ class ServeParams(Section):
 PARAMS_FILE = Path(os.environ.get("SOUNDLINE_PARAMS") or Path(__file__).resolve().parents[1] / "params.yaml")
 SERVE = load_section("serve", ServeParams, PARAMS_FILE)
 MAX_UPLOAD_BYTES = int(SERVE.max_upload_mb * 1024 * 1024)
-MODEL_TAG = os.environ.get("SOUNDLINE_MODEL_TAG") or "soundline:latest"
+
+
+def _model_tag() -> str:
+    """SOUNDLINE_MODEL_TAG; else, served from a built Bento, the model it packed; else soundline:latest."""
+    if tag := os.environ.get("SOUNDLINE_MODEL_TAG"):
+        return tag
+    bento_yaml = Path(__file__).resolve().parents[2] / "bento.yaml"  # <bento>/src/serving/service.py
+    if bento_yaml.exists():
+        services = yaml.safe_load(bento_yaml.read_text()).get("services") or []
+        if tags := [m["tag"] for s in services for m in s.get("models") or []]:
+            return tags[0]
+    return "soundline:latest"
+
+
+MODEL_TAG = _model_tag()
 BATCHING = os.environ.get("SOUNDLINE_BATCHING", "1") != "0"
 
 
@@ -61,8 +76,8 @@ class UploadLimit:
 
 
 def too_large(size: int) -> dict:
-    return {"error": "upload too large", "problem": f"upload of {size} bytes exceeds the limit of "
-            f"{SERVE.max_upload_mb:g} MB ({MAX_UPLOAD_BYTES} bytes)"}
+    problem = f"upload of {size} bytes exceeds the limit of {SERVE.max_upload_mb:g} MB ({MAX_UPLOAD_BYTES} bytes)"
+    return {"error": f"upload too large: {problem}", "problem": problem}
 
 
 def rejected(name: str, problem: str, status: int = 422) -> JSONResponse:
@@ -74,7 +89,8 @@ class Soundline:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        stored = self.model_ref.stored or self.model_ref.resolve()
+        ref = self.model_ref  # at serve time BentoML hands the instance the stored model itself
+        stored = ref.resolve() if isinstance(ref, bentoml.models.BentoModel) else ref
         self.model = ExportedModel.load(Path(stored.path))
         self.features_params = FeatureParams.model_validate(self.model.info["features"])
         labels = stored.info.labels
@@ -104,6 +120,12 @@ class Soundline:
         if not BATCHING:
             return await asyncio.to_thread(self._forward, feats)
         return np.asarray(await self.to_async.predict(feats))  # one entry in the adaptive batch
+
+    async def _scored(self, feats: np.ndarray) -> np.ndarray | JSONResponse:
+        try:
+            return await self._probabilities(feats)
+        except bentoml.exceptions.BentoMLException as err:  # the batch queue shed this request
+            return JSONResponse({"error": f"model overloaded, retry later: {err}"}, status_code=503)
 
     def _forward(self, feats: np.ndarray) -> np.ndarray:
         return self.model.class_probabilities(np.asarray(feats, np.float32), np.arange(len(feats)), batch_size=256)
@@ -135,7 +157,9 @@ class Soundline:
         feats = await self._featurize(audios)
         if isinstance(feats, JSONResponse):
             return feats
-        probs = await self._probabilities(feats)
+        probs = await self._scored(feats)
+        if isinstance(probs, JSONResponse):
+            return probs
         return [self._prediction(f.name, p) for f, p in zip(audios, probs)]
 
     @bentoml.api

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -64,23 +65,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reduced default corpus (80 clips), built once per session; treat it as read-only."""
-    from shutil import which
-
-    if which("espeak-ng") is None:
+def _require_espeak() -> None:
+    if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (needed to build the default corpus): make espeak")
-    from pipeline.corpus import build
-
-    out = tmp_path_factory.mktemp("corpus") / "raw"
-    build(out, **REDUCED)
-    return out
 
 
 @pytest.fixture(scope="session")
 def build_reduced_corpus() -> Callable[[Path], Path]:
     """Build the reduced default corpus into a given folder (for determinism checks)."""
+    _require_espeak()
     from pipeline.corpus import build
 
     def make(out: Path) -> Path:
@@ -88,6 +81,12 @@ def build_reduced_corpus() -> Callable[[Path], Path]:
         return out
 
     return make
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory, build_reduced_corpus) -> Path:
+    """The reduced default corpus (80 clips), built once per session; treat it as read-only."""
+    return build_reduced_corpus(tmp_path_factory.mktemp("corpus") / "raw")
 
 
 @pytest.fixture(scope="session")

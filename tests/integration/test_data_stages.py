@@ -6,18 +6,18 @@ Everything runs in tmp_path: the repo working tree is never written. The real re
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import librosa
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
-
-import librosa
 import yaml
 
 from pipeline import audio, featurize, ingest, validate_features, validate_raw
@@ -46,9 +46,10 @@ def tree_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def sh(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+def sh(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a command; fail the test with its output if it exits non-zero."""
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
+    if proc.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
 
@@ -150,6 +151,79 @@ def test_dvc_push_pull_round_trip(corpus_dir: Path, tmp_path: Path, child_env: d
     assert tree_hashes(repo / "data" / "raw") == before == tree_hashes(corpus_dir)
 
 
+# --- ingest ----------------------------------------------------------------------------------
+
+def fake_tree(root: Path, rels: list[str]) -> Path:
+    for i, rel in enumerate(rels):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(f"RIFF fake audio {i}".encode())
+    return root
+
+
+def test_ingest_scan_parses_paths_and_skips_the_rest(tmp_path: Path) -> None:
+    src = fake_tree(tmp_path / "src", ["yes/aa11_nohash_0.wav", "yes/aa11_nohash_1.WAV", "no/bb22_nohash_0.flac",
+                                       "no/readme.txt", "no/bb22.wav", "_background_noise_/white.ogg"])
+    meta = ingest.scan(src, r"(?P<label>[^/]+)/(?P<group>[0-9a-f]+)_nohash_(?P<take>\d+)\.(?i:wav|flac)")
+    assert list(meta.columns) == ["path", "label", "group", "take"]
+    assert meta.to_dict("records") == [
+        {"path": "no/bb22_nohash_0.flac", "label": "no", "group": "bb22", "take": "0"},
+        {"path": "yes/aa11_nohash_0.wav", "label": "yes", "group": "aa11", "take": "0"},
+        {"path": "yes/aa11_nohash_1.WAV", "label": "yes", "group": "aa11", "take": "1"},
+    ]
+    assert meta.attrs["skipped"] == ["_background_noise_/white.ogg", "no/bb22.wav"]  # readme.txt: not audio
+
+
+@pytest.mark.parametrize(("pattern", "missing"), [(r"(?P<label>\d)_\w+\.wav", "group"),
+                                                  (r"\d_(?P<group>\w+)\.wav", "label")])
+def test_ingest_pattern_must_name_label_and_group(tmp_path: Path, pattern: str, missing: str) -> None:
+    with pytest.raises(ValueError, match=f"named group '{missing}'"):
+        ingest.scan(tmp_path, pattern)
+    with pytest.raises(SystemExit, match=f"named group '{missing}'"):
+        ingest.main([str(tmp_path), "--pattern", pattern, "--out", str(tmp_path / "out")])
+
+
+def test_ingest_copies_writes_metadata_and_reports(tmp_path: Path, capsys) -> None:
+    names = [f"{d}_{s}_{n}.wav" for d in (1, 2) for s in ("ann", "bob") for n in range(4)]
+    src = fake_tree(tmp_path / "src", [*names, "notes/x_y.wav"])
+    out = tmp_path / "raw"
+    ingest.main([str(src), "--pattern", FSDD_PATTERN, "--out", str(out), "--limit-per-group", "3"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "ingest: skipped 1 file(s) not matching --pattern, e.g.:" and printed[1] == "  notes/x_y.wav"
+    assert printed[-1].startswith("next: run `dvc add ") and str(out) in printed[-1]
+    meta = pd.read_csv(out / "metadata.csv", dtype=str, keep_default_na=False)
+    assert list(meta.columns) == ["path", "label", "group"] and len(meta) == 12  # 3 per (speaker, digit)
+    assert meta["path"].is_monotonic_increasing and meta.groupby(["label", "group"]).size().eq(3).all()
+    assert tree_hashes(out) == {**{r: tree_hashes(src)[r] for r in meta["path"]},
+                                "metadata.csv": tree_hashes(out)["metadata.csv"]}
+
+
+def test_ingest_with_nothing_matching_is_an_error(tmp_path: Path) -> None:
+    src = fake_tree(tmp_path / "src", ["a.wav", "b.mp3"])
+    with pytest.raises(SystemExit, match="no audio file under .* matches --pattern"):
+        ingest.main([str(src), "--pattern", FSDD_PATTERN, "--out", str(tmp_path / "raw")])
+    assert not (tmp_path / "raw").exists()
+
+
+def test_ingest_failure_leaves_the_old_output_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = fake_tree(tmp_path / "src", [f"1_ann_{n}.wav" for n in range(5)])
+    out = tmp_path / "raw"
+    ingest.main([str(src), "--pattern", FSDD_PATTERN, "--out", str(out)])
+    before = tree_hashes(out)
+    fake_tree(src, [f"2_bob_{n}.wav" for n in range(5)])
+    calls = iter(range(100))
+
+    def flaky_copy(a, b, *args, **kwargs):
+        if next(calls) == 7:
+            raise OSError(5, "Input/output error")
+        return shutil.copyfile(a, b)
+
+    monkeypatch.setattr(ingest.shutil, "copy2", flaky_copy)
+    with pytest.raises(OSError, match="Input/output error"):
+        ingest.main([str(src), "--pattern", FSDD_PATTERN, "--out", str(out)])
+    assert tree_hashes(out) == before
+    assert {p.name for p in tmp_path.iterdir()} == {"src", "raw"}  # no temporary folder left behind
+
+
 # --- c, d. real recordings -----------------------------------------------------------------
 
 @pytest.mark.slow
@@ -230,8 +304,6 @@ def tone_wave(freq: float, seconds: float = 0.5, sr: int = SR) -> np.ndarray:
 
 
 def wav_bytes(wave: np.ndarray, sr: int = SR, subtype: str = "PCM_16") -> bytes:
-    import io
-
     buf = io.BytesIO()
     sf.write(buf, wave, sr, subtype=subtype, format="WAV")
     return buf.getvalue()

@@ -1,0 +1,226 @@
+"""Load benchmark of the BentoML service on loopback: adaptive batching vs none vs the raw model.
+
+    python benchmarks/serve_load.py [--requests 640] [--concurrency 32] [--soak-s 60]
+
+(a) /classify with adaptive batching, (b) the same service started with SOUNDLINE_BATCHING=0
+(each request calls the model itself, one clip per forward: BentoML refuses max_batch_size 1),
+(c) the model's batched forward in-process (features precomputed, batches of 32): the ceiling.
+Then a soak at the same concurrency: errors and the server process tree's RSS growth.
+Every request is a 1 s, 16 kHz, 16-bit speech-like clip. The model is the default CNN
+(models/train if it exists, else random weights); it is imported into a temporary BentoML
+home and the service is served from source (serving.service:Soundline), as `bentoml serve` does.
+Writes benchmarks/results/serve_load.json; the last line printed is batched_over_unbatched=X.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import audio  # noqa: E402
+from pipeline.evaluation import ExportedModel  # noqa: E402
+from pipeline.features import FeatureParams, log_mel_batch  # noqa: E402
+
+
+def clip(seed: int) -> bytes:
+    """1 s of speech-like noise: band-limited noise under a 4 Hz syllable envelope."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(16000) / 16000
+    noise = np.convolve(rng.standard_normal(16000), np.hanning(24), mode="same")
+    wave = (0.2 * noise * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2)).astype(np.float32)
+    buf = io.BytesIO()
+    audio.write_wav(buf, np.clip(wave, -1, 1), 16000)
+    return buf.getvalue()
+
+
+def model_folder(tmp: Path) -> Path:
+    if (REPO / "models/train/model.safetensors").exists():
+        return REPO / "models/train"
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from pipeline.training.config import ModelParams
+    from pipeline.training.networks import build_network, make_spec
+
+    torch.manual_seed(0)
+    fp = FeatureParams.model_validate(yaml.safe_load((REPO / "params.yaml").read_text())["featurize"]["features"])
+    spec = make_spec(ModelParams(), fp.n_mels, fp.frames, "classifier", num_outputs=1)
+    folder = tmp / "model"
+    folder.mkdir()
+    save_file(build_network(spec).state_dict(), str(folder / "model.safetensors"))
+    (folder / "model.json").write_text(json.dumps({"spec": spec, "classes": ["bad", "good"], "binary": True,
+                                                   "positive_class": "good", "features": fp.model_dump(mode="json")}))
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, env: dict, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:Soundline",
+                                          "--host", "127.0.0.1", "--port", str(self.port)], cwd=REPO, env=env,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not ready:\n{log.read_text()[-3000:]}")
+
+    def rss_mb(self) -> float:
+        procs = [psutil.Process(self.proc.pid)]
+        procs += procs[0].children(recursive=True)
+        return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+async def load(url: str, clips: list[bytes], concurrency: int, requests: int | None = None,
+               duration_s: float | None = None) -> dict:
+    """Closed loop: ``concurrency`` workers post /classify until ``requests`` are sent or time is up."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    sent = 0
+    stop_at = time.perf_counter() + (duration_s or 1e9)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal sent
+        while (requests is None or sent < requests) and time.perf_counter() < stop_at:
+            data = clips[sent % len(clips)]
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/classify", files={"audio": ("clip.wav", data, "audio/wav")})
+                key = None if r.status_code == 200 else str(r.status_code)
+            except httpx.HTTPError as err:
+                key = type(err).__name__
+            latencies.append(time.perf_counter() - t0)
+            if key:
+                errors[key] = errors.get(key, 0) + 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ms = np.asarray(latencies) * 1000
+    return {"requests": len(latencies), "errors": errors, "wall_s": round(wall, 2),
+            "rps": round(len(latencies) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+
+
+def serve_run(env: dict, log: Path, clips: list[bytes], args: argparse.Namespace, soak: bool = False) -> dict:
+    server = Server(env, log)
+    try:
+        asyncio.run(load(server.url, clips, args.concurrency, requests=4 * args.concurrency))  # warm-up
+        result = asyncio.run(load(server.url, clips, args.concurrency, requests=args.requests))
+        if soak:
+            rss0 = server.rss_mb()
+            s = asyncio.run(load(server.url, clips, args.concurrency, duration_s=args.soak_s))
+            rss1 = server.rss_mb()
+            result["soak"] = {**s, "duration_s": args.soak_s, "rss_start_mb": round(rss0, 1),
+                              "rss_end_mb": round(rss1, 1), "rss_growth": round(rss1 / rss0 - 1, 4)}
+        return result
+    finally:
+        server.stop()
+
+
+def raw_forward(folder: Path, clips: list[bytes], batch: int, seconds: float = 5.0) -> dict:
+    model = ExportedModel.load(folder)
+    fp = FeatureParams.model_validate(model.info["features"])
+    waves = [audio.load(c, fp.sample_rate) for c in clips]
+    feats, _ = log_mel_batch([waves[i % len(waves)] for i in range(batch)], fp)
+    model.class_probabilities(feats, np.arange(batch), batch_size=batch)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        model.class_probabilities(feats, np.arange(batch), batch_size=batch)
+        n += batch
+    return {"batch_size": batch, "clips_per_s": round(n / (time.perf_counter() - t0), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=640)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--soak-s", type=float, default=60.0)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/serve_load.json")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    try:
+        os.environ.update(BENTOML_HOME=str(tmp / "bentoml"), BENTOML_DO_NOT_TRACK="True")
+        from pipeline.package import PackageParams, import_model
+
+        folder = model_folder(tmp)
+        tag = import_model(folder, PackageParams(), "bench", "none")
+        env = {**os.environ, "SOUNDLINE_MODEL_TAG": tag, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        clips = [clip(i) for i in range(16)]
+        batched = serve_run({**env, "SOUNDLINE_BATCHING": "1"}, tmp / "batched.log", clips, args, soak=True)
+        print("batched", json.dumps(batched), flush=True)
+        unbatched = serve_run({**env, "SOUNDLINE_BATCHING": "0"}, tmp / "unbatched.log", clips, args)
+        print("unbatched", json.dumps(unbatched), flush=True)
+        raw = raw_forward(folder, clips, args.concurrency)
+        print("raw", json.dumps(raw), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratio = batched["rps"] / unbatched["rps"]
+    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+              "clip": "1 s, 16 kHz, PCM_16", "concurrency": args.concurrency, "model": str(folder),
+              "batched": batched, "unbatched": unbatched, "raw_forward": raw,
+              "batched_over_unbatched": round(ratio, 2),
+              "batched_over_raw": round(batched["rps"] / raw["clips_per_s"], 3),
+              "goals": {"batched_over_unbatched>=3": ratio >= 3,
+                        "batched_over_raw>=0.6": batched["rps"] / raw["clips_per_s"] >= 0.6,
+                        "p99_ms<=150": batched["p99_ms"] <= 150,
+                        "soak_0_errors": not batched["soak"]["errors"],
+                        "soak_rss_growth<10%": batched["soak"]["rss_growth"] < 0.10}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["goals"]))
+    print(f"batched_over_unbatched={ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

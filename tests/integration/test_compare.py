@@ -1,0 +1,168 @@
+"""pipeline.compare: variants from MLflow, paired Wilcoxon tests, and `make compare` end to end.
+
+(a) Fake evaluate runs (one per DVC experiment) in a SQLite MLflow in tmp_path, each with its
+    metrics and a hand-made predictions.csv; (b) `make compare` in a tmp git+DVC copy of the
+    repo on the reduced default corpus (queued DVC experiments, slow).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+from pipeline import compare, tracking
+
+N_FILES = 24
+CLASSES = ["bad", "good"]
+
+
+# --- (a) compare on hand-made evaluate runs ----------------------------------------------------
+
+def predictions(p_true: np.ndarray, kept: np.ndarray | None = None) -> pd.DataFrame:
+    """A predictions.csv as the evaluate stage writes it, with P(true class) = ``p_true``."""
+    n = len(p_true)
+    label = np.array([CLASSES[i % 2] for i in range(n)])
+    p_good = np.where(label == "good", p_true, 1 - p_true)
+    predicted = np.where(p_good >= 0.5, "good", "bad")
+    return pd.DataFrame({"path": [f"spk{i // 4:02d}/clip_{i:02d}.wav" for i in range(n)],
+                         "group": [f"spk{i // 4:02d}" for i in range(n)], "label": label,
+                         "predicted": predicted, "prob_bad": 1 - p_good, "prob_good": p_good,
+                         "kept": np.ones(n, bool) if kept is None else kept,
+                         "correct": predicted == label})
+
+
+def variant_scores() -> dict[str, np.ndarray]:
+    """P(true class) per file: `strong` clearly above `weak`; `weak-twin` = weak with small
+    symmetric noise (no real difference)."""
+    rng = np.random.default_rng(0)
+    weak = rng.uniform(0.35, 0.6, N_FILES)
+    strong = np.clip(weak + rng.uniform(0.25, 0.35, N_FILES), 0, 0.99)
+    twin = weak + np.where(np.arange(N_FILES) % 2 == 0, 1, -1) * rng.uniform(0.001, 0.01, N_FILES)
+    return {"strong": strong, "weak": weak, "weak-twin": twin}
+
+
+@pytest.fixture(scope="module")
+def fake_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, np.ndarray]]:
+    """Four evaluate runs (an old one of `weak`, then strong, weak, weak-twin), logged once."""
+    tmp_path = tmp_path_factory.mktemp("compare_mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", "compare-tests")
+        mp.delenv("DVC_EXP_NAME", raising=False)
+        mp.chdir(tmp_path)  # ./mlruns artifacts land in tmp
+        yield log_fake_runs(tmp_path)
+
+
+def log_fake_runs(tmp_path: Path) -> dict[str, np.ndarray]:
+    scores = variant_scores()
+    kept = np.ones(N_FILES, bool)
+    kept[[3, 17]] = False  # filtered files are not compared
+    # an older run of `weak` that looks like `strong`: only the newest run of an experiment counts
+    runs = [("weak", scores["strong"]), *scores.items()]
+    for i, (name, p_true) in enumerate(runs):
+        table = predictions(p_true, kept)
+        folder = tmp_path / "logged" / f"{i}-{name}"
+        folder.mkdir(parents=True)
+        table.to_csv(folder / "predictions.csv", index=False)
+        acc = float(table.loc[table["kept"], "correct"].mean())
+        with tracking.stage_run("evaluate", {"seed": 0}, tags={tracking.TAG_DVC_EXPERIMENT: name}) as run:
+            metrics = {}
+            for level in ("files", "groups"):
+                for metric in ("accuracy", "balanced_accuracy", "f1_macro"):
+                    metrics[f"test/{level}/{metric}"] = acc
+                    metrics[f"test/{level}/{metric}_ci_low"] = acc - 0.1
+                    metrics[f"test/{level}/{metric}_ci_high"] = min(1.0, acc + 0.1)
+            metrics["test/files/roc_auc"] = acc  # evaluate logs no roc_auc for groups (hard votes)
+            run.log_metrics(metrics)
+            run.log_artifact(folder / "predictions.csv")
+        time.sleep(0.01)  # distinct start times
+    return scores
+
+
+def test_compare_writes_tables_and_bonferroni_pairs(fake_runs: dict[str, np.ndarray], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "compare"
+    compare.main(["--experiments", "strong", "weak", "weak-twin", "--out", str(out)])
+    for name in ("compare.md", "variants.csv", "pairs.csv", "compare.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    variants = pd.read_csv(out / "variants.csv")
+    assert sorted(variants["variant"]) == ["strong", "weak", "weak-twin"]
+    assert {"accuracy", "accuracy_ci_low", "accuracy_ci_high", "balanced_accuracy", "f1_macro"} <= set(variants)
+
+    pairs = pd.read_csv(out / "pairs.csv")
+    assert len(pairs) == 3
+    assert list(zip(pairs["a"], pairs["b"])) == [("strong", "weak"), ("strong", "weak-twin"), ("weak", "weak-twin")]
+    np.testing.assert_allclose(pairs["p_bonferroni"], np.minimum(1.0, 3 * pairs["p_value"]))
+    assert (pairs["n"] == N_FILES - 2).all()  # the two filtered files are left out
+
+    keep = np.ones(N_FILES, bool)
+    keep[[3, 17]] = False
+    s = fake_runs
+    by_pair = pairs.set_index(["a", "b"])
+    expected = stats.wilcoxon(s["weak"][keep], s["strong"][keep]).pvalue  # differences b - a
+    assert by_pair.loc[("strong", "weak"), "p_value"] == pytest.approx(expected)
+    assert by_pair.loc[("strong", "weak"), "mean_diff"] == pytest.approx((s["weak"] - s["strong"])[keep].mean())
+    assert by_pair.loc[("strong", "weak"), "mean_diff"] < -0.2
+    assert bool(by_pair.loc[("strong", "weak"), "significant"]) is True
+    assert bool(by_pair.loc[("strong", "weak-twin"), "significant"]) is True
+    assert bool(by_pair.loc[("weak", "weak-twin"), "significant"]) is False
+    assert by_pair.loc[("weak", "weak-twin"), "p_bonferroni"] == pytest.approx(
+        min(1.0, 3 * stats.wilcoxon(s["weak-twin"][keep], s["weak"][keep]).pvalue))
+
+    markdown = (out / "compare.md").read_text()
+    assert "Paired Wilcoxon signed-rank, Bonferroni-corrected (3 pairs)" in markdown
+    assert "run_id" not in markdown
+    printed = capsys.readouterr().out
+    for name in ("strong", "weak", "weak-twin"):
+        assert name in printed
+
+
+def test_compare_by_group_uses_group_means(fake_runs: dict[str, np.ndarray], tmp_path: Path) -> None:
+    compare.main(["--experiments", "strong", "weak", "--level", "groups", "--out", str(tmp_path / "g")])
+    pairs = pd.read_csv(tmp_path / "g" / "pairs.csv")
+    assert len(pairs) == 1 and pairs.loc[0, "n"] == N_FILES // 4  # one score per speaker
+
+
+def test_all_variants_by_default(fake_runs: dict[str, np.ndarray], tmp_path: Path) -> None:
+    compare.main(["--out", str(tmp_path / "all")])
+    assert sorted(pd.read_csv(tmp_path / "all" / "variants.csv")["variant"]) == ["strong", "weak", "weak-twin"]
+
+
+def test_unknown_experiment_is_named(fake_runs: dict[str, np.ndarray], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        compare.main(["--experiments", "strong", "no-such-exp", "--out", str(tmp_path / "x")])
+    message = str(info.value.code)
+    assert message.startswith("compare: ") and "no-such-exp" in message and "strong" not in message
+    assert not (tmp_path / "x").exists()
+
+
+def test_one_variant_is_not_enough(fake_runs: dict[str, np.ndarray], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="need at least 2 variants"):
+        compare.main(["--experiments", "weak", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
+    "bug: pipeline/compare.py plot() builds error bars from the first --metrics column; when the "
+    "runs lack that metric (variant_table puts None, e.g. roc_auc at --level groups, which "
+    "pipeline/evaluate.py never logs) matplotlib raises TypeError instead of a 'compare: ...' message"))
+def test_metric_missing_from_the_runs_is_reported(fake_runs: dict[str, np.ndarray], tmp_path: Path) -> None:
+    out = tmp_path / "missing"
+    try:
+        compare.main(["--experiments", "strong", "weak", "--level", "groups", "--metrics", "roc_auc",
+                      "--out", str(out)])
+    except SystemExit as err:
+        assert "roc_auc" in str(err.code)
+    else:
+        assert (out / "variants.csv").is_file()
