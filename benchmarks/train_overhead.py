@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback

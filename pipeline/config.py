@@ -43,6 +43,8 @@ def load_section(name: str, model: type[S], path: Path | str = DEFAULT_PARAMS) -
         return model.model_validate(document[name] or {})
     except ValidationError as err:
         problems = "; ".join(
-            f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+            f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else "")
+            for e in err.errors()
         )
         raise ParamsError(f"{path}: {problems}") from err

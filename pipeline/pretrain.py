@@ -27,7 +27,7 @@ from pipeline.io import atomic_dir, write_json
 from pipeline.training.config import ModelParams, TrainerParams
 from pipeline.training.data import FeatureDataModule, LabelCoder
 from pipeline.training.inference import reconstruction_losses
-from pipeline.training.kfold import fingerprint, fit_fold, prepare_workdir, read_history
+from pipeline.training.kfold import data_version, fingerprint, fit_fold, prepare_workdir, read_history
 from pipeline.training.modules import MAEModule
 from pipeline.training.networks import build_network, make_spec
 
@@ -78,7 +78,8 @@ def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, reco
     train, val = pool[pool["fold"] != p.val_fold], pool[pool["fold"] == p.val_fold]
     spec = make_spec(p.model, n_mels, frames, task="mae")
     network = build_network(spec)
-    prepare_workdir(work, fingerprint(p.model_dump(), meta, train["path"].tolist(), val["path"].tolist()))
+    prepare_workdir(work, fingerprint(p.model_dump(), meta, data_version(features_dir),
+                                      train["path"].tolist(), val["path"].tolist()))
     coder = LabelCoder(meta["classes"], meta["classes"][0])  # targets are unused by the MAE loss
     datamodule = FeatureDataModule(features_dir / "features.npy", coder, train, val, None, p.trainer)
     with tracking.stage_run("pretrain", p) as stage:

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 import yaml
 from lightning.pytorch.utilities.model_summary import ModelSummary
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from pipeline import plots, tracking
@@ -29,7 +29,7 @@ from pipeline.io import atomic_dir, write_csv, write_json
 from pipeline.training.config import ModelParams, SpecAugmentParams, TrainerParams
 from pipeline.training.data import FeatureDataModule, LabelCoder
 from pipeline.training.inference import embeddings
-from pipeline.training.kfold import fingerprint, fit_fold, prepare_workdir, read_history
+from pipeline.training.kfold import data_version, fingerprint, fit_fold, prepare_workdir, read_history
 from pipeline.training.losses import TripletLoss, build_loss
 from pipeline.training.modules import ClassifierModule, TripletModule
 from pipeline.training.networks import backbone_of, build_network, make_spec
@@ -48,7 +48,7 @@ class TrainParams(Section):
     positive_class: str = "good"  # binary tasks: the class whose probability the model outputs
     model: ModelParams = ModelParams()
     init_from_pretrain: bool = False  # MAE only: start from the pretrain stage's encoder
-    loss: str = "who"  # who | focal | asymmetric | auc | bce
+    loss: Literal["who", "focal", "asymmetric", "auc", "bce"] = "who"
     class_weight: list[float] | Literal["balanced"] | None = "balanced"  # used by who and focal
     extend_bad: bool = False  # oversample the minority class
     specaugment: SpecAugmentParams | None = SpecAugmentParams()
@@ -56,6 +56,12 @@ class TrainParams(Section):
     label_fraction: float = Field(1.0, gt=0, le=1)  # seeded, stratified share of training labels
     folds: list[int] | None = None  # None: every fold
     trainer: TrainerParams = TrainerParams()
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainParams:
+        if self.mode == "triplet" and self.triplet.recon != "none" and self.model.arch != "mae":
+            raise ValueError("triplet.recon needs model.arch: mae (the reconstruction is the MAE's)")
+        return self
 
 
 def fold_rows(index: pd.DataFrame, ignored: set[str], fold: int, p: TrainParams) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -113,7 +119,7 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
     spec = make_spec(p.model, n_mels, frames, task, coder.num_outputs)
     pretrained = pretrained_weights(pretrained_dir, spec) if p.init_from_pretrain else None
     folds = p.folds if p.folds is not None else sorted(index.loc[index["split"] == "train", "fold"].unique())
-    prepare_workdir(work, fingerprint(p.model_dump(), meta, sorted(ignored),
+    prepare_workdir(work, fingerprint(p.model_dump(), meta, sorted(ignored), data_version(features_dir),
                                       None if pretrained is None else pretrained.stat().st_mtime_ns))
     features = np.load(features_dir / "features.npy", mmap_mode="r")
     results = []

@@ -17,6 +17,7 @@ import asyncio
 import os
 from pathlib import Path
 
+import aiohttp
 import bentoml
 import numpy as np
 import pandas as pd
@@ -98,7 +99,6 @@ class Soundline:
                            "version": labels.get("mlflow_version"), "alias": labels.get("alias"),
                            "bento_model": str(stored.tag)}
 
-    # -- internals: the pipeline's functions ------------------------------------------------
     def _features(self, path: Path, name: str) -> np.ndarray:
         """(n_mels, frames) log-mel of one upload; raises AudioError (bad audio) or OverflowError."""
         data = path.read_bytes()
@@ -119,12 +119,17 @@ class Soundline:
     async def _probabilities(self, feats: np.ndarray) -> np.ndarray:
         if not BATCHING:
             return await asyncio.to_thread(self._forward, feats)
-        return np.asarray(await self.to_async.predict(feats))  # one entry in the adaptive batch
+        for attempt in range(3):  # predict is idempotent; the in-process proxy can drop a connection
+            try:  # one entry in the adaptive batch
+                return np.asarray(await self.to_async.predict(feats))
+            except aiohttp.ClientConnectionError:
+                if attempt == 2:
+                    raise
 
     async def _scored(self, feats: np.ndarray) -> np.ndarray | JSONResponse:
         try:
             return await self._probabilities(feats)
-        except bentoml.exceptions.BentoMLException as err:  # the batch queue shed this request
+        except (bentoml.exceptions.BentoMLException, aiohttp.ClientError) as err:  # shed by the batch queue
             return JSONResponse({"error": f"model overloaded, retry later: {err}"}, status_code=503)
 
     def _forward(self, feats: np.ndarray) -> np.ndarray:
@@ -135,13 +140,11 @@ class Soundline:
         return {"file": name, "label": classes[int(np.argmax(probs))],
                 "probabilities": {c: float(p) for c, p in zip(classes, probs)}, **self.model_info}
 
-    # -- the batched model call -----------------------------------------------------------------
     @bentoml.api(batchable=True, max_batch_size=SERVE.max_batch_size, max_latency_ms=SERVE.max_latency_ms)
     def predict(self, features: np.ndarray) -> np.ndarray:
         """(B, n_mels, frames) log-mel features → (B, K) class probabilities (order: model classes)."""
         return self._forward(features)
 
-    # -- public endpoints -------------------------------------------------------------------------
     @bentoml.api
     async def classify(self, audio: Path) -> dict:
         """One WAV upload → {label, probabilities, model, version, alias}."""
@@ -158,9 +161,8 @@ class Soundline:
         if isinstance(feats, JSONResponse):
             return feats
         probs = await self._scored(feats)
-        if isinstance(probs, JSONResponse):
-            return probs
-        return [self._prediction(f.name, p) for f, p in zip(audios, probs)]
+        return probs if isinstance(probs, JSONResponse) else \
+            [self._prediction(f.name, p) for f, p in zip(audios, probs)]
 
     @bentoml.api
     async def features(self, audio: Path) -> dict:
