@@ -12,7 +12,6 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (soundline needs Python 3.11; set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	# requirements.lock pins every package (torch is the CPU build, found via pip's find-links).
 	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
 	touch $@

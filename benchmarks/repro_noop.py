@@ -61,6 +61,16 @@ def deep_update(base: dict, updates: dict) -> dict:
     return base
 
 
+def source_deps(definition: dict) -> list[str]:
+    """The repo's own files and folders the kept stages depend on (code, serving/, ...)."""
+    found = {"pipeline"}  # every stage runs `python -m pipeline.<stage>`
+    for stage in definition["stages"].values():
+        for dep in stage.get("deps", []):
+            if isinstance(dep, str) and "${" not in dep and (REPO / dep).exists():
+                found.add(dep.rstrip("/"))
+    return sorted(d for d in found if not any(d.startswith(f"{o}/") for o in found if o != d))
+
+
 def make_project(dest: Path, stages: str) -> int:
     """Lay out the project copy in ``dest``; return the number of stages kept."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -74,7 +84,13 @@ def make_project(dest: Path, stages: str) -> int:
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy2(REPO / ".dvcignore", dest / ".dvcignore")
     shutil.copy2(REPO / "data.dvc", dest / "data.dvc")
-    shutil.copytree(REPO / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for source in source_deps(definition):
+        if (REPO / source).is_dir():
+            shutil.copytree(REPO / source, dest / source, ignore=shutil.ignore_patterns("__pycache__"),
+                            dirs_exist_ok=True)
+        else:
+            (dest / source).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / source, dest / source)
     build(dest / "data" / "raw", n_speakers=8, digits=5)
     sh(["dvc", "add", "-q", "data/raw"], dest)  # updates data.dvc, as after `pipeline.ingest`
     return len(definition["stages"])

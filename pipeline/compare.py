@@ -71,7 +71,11 @@ def compare(experiments: list[str] | None, metrics: list[str], level: str, alpha
     if not shared:
         raise ValueError("the variants share no test items; compare runs on the same test split")
     pairs = wilcoxon_pairs({name: s.loc[shared].to_numpy() for name, s in scores.items()}, alpha=alpha)
-    return variant_table(runs, metrics, level), pairs
+    table = variant_table(runs, metrics, level)
+    missing = [m for m in metrics if table[m].isna().all()]
+    if missing:
+        raise ValueError(f"metric(s) {missing} not logged at level '{level}' by the evaluate runs")
+    return table, pairs
 
 
 def main(argv: list[str] | None = None) -> None:

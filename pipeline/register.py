@@ -66,7 +66,8 @@ def gate(challenger: pd.DataFrame, champion: pd.DataFrame | None, p: RegisterPar
         y, a, b = (both[c].map(code).to_numpy() for c in ("label", "predicted_champion", "predicted"))
         result = paired_bootstrap(METRICS[p.metric], y, a, b, n_resamples=p.bootstrap_resamples, seed=p.seed)
         decision.update(test="paired_bootstrap", p_value=result.p_value, ci=[result.low, result.high])
-    wins = new - old >= p.min_improvement and new > old and decision["p_value"] < p.alpha
+    # Tolerance: 1.0 - 0.9 is 0.0999…, and an improvement of exactly min_improvement must count.
+    wins = new - old >= p.min_improvement - 1e-9 and new > old and decision["p_value"] < p.alpha
     decision["move"] = bool(wins)
     decision["why"] = ("challenger is significantly better" if wins else
                        f"not better enough: improvement {new - old:+.4f} (min {p.min_improvement}), "

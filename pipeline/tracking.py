@@ -201,13 +201,37 @@ def stage_run(
     The run ends FINISHED, or FAILED when the block raises (the exception propagates)."""
     client = _client()
     check_reachable()
-    experiment_id = mlflow.set_experiment(experiment_name()).experiment_id
+    experiment_id = _experiment_id(experiment_name())
     provenance = {TAG_GIT_COMMIT: git_commit(), TAG_DVC_EXPERIMENT: dvc_experiment()}
     run_tags = {TAG_STAGE: stage, **{k: v for k, v in provenance.items() if v}, **(tags or {})}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags) as active:
-        run = StageRun(active.info.run_id, experiment_id, stage, tracking_uri(), client)
+    active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags)
+    run = StageRun(active.info.run_id, experiment_id, stage, tracking_uri(), client)
+    try:
         _log_params(client, run.run_id, params)
         yield run
+    except BaseException:
+        try:
+            mlflow.end_run("FAILED")
+        except MlflowException:
+            pass  # the server may be what failed; the original error is the one to report
+        raise
+    with _explain_unreachable():
+        mlflow.end_run("FINISHED")
+
+
+def _experiment_id(name: str) -> str:
+    """Get or create the experiment. With a SQLite store, artifacts go beside the database file
+    (absolute path), not into the working directory of whichever process created the experiment
+    (a DVC queue's temporary workspace is deleted after the run)."""
+    with _explain_unreachable():
+        found = mlflow.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        uri = tracking_uri()
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+        return mlflow.create_experiment(name, artifact_location=location)
 
 
 def write_run_id(path: Path, run: StageRun) -> None:

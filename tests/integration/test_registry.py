@@ -337,12 +337,6 @@ def test_server_dying_mid_register_keeps_the_alias(dies_in: str, private_server:
     assert versions == ({"1"} if dies_in == "tracking.register" else {"1", "2"})
 
 
-@pytest.mark.xfail(strict=True, raises=MlflowException, reason=(
-    "bug: pipeline/tracking.py stage_run (the `with mlflow.start_run(...)` block): when the server "
-    "dies inside the block, mlflow's ActiveRun.__exit__ -> end_run(FAILED) -> set_terminated raises "
-    "MlflowException against the dead server, replacing the TrackingUnavailable; pipeline/register.py "
-    "main() catches only ValueError/FileNotFoundError/TrackingUnavailable, so the stage dies with a "
-    "traceback instead of 'register: ... unreachable ...; the registry alias was not changed'"))
 def test_server_dying_mid_register_exits_with_a_message(private_server: PrivateServer, registrar: Registrar,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", private_server.uri)

@@ -91,10 +91,7 @@ def test_equal_models_do_not_move() -> None:
 
 @pytest.mark.parametrize(("min_improvement", "moves"), [
     (0.2, False),
-    pytest.param(0.1, True, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: pipeline/register.py gate() compares `new - old >= p.min_improvement` in floating "
-        "point; 1.0 - 0.9 == 0.09999999999999998, so a gain of exactly min_improvement (documented: "
-        "'an improvement of at least min_improvement') is refused"))),
+    (0.1, True),
     (0.05, True),
 ])
 def test_min_improvement_blocks_small_gains(min_improvement: float, moves: bool) -> None:
