@@ -16,14 +16,12 @@ float32, target int64, row int64):
 The page cache cannot be flushed here, so every variant is warmed with one full pass first;
 then the variants are interleaved (memmap, ram, pt, memmap, ...) for ``--repeats``
 measurements of ``--passes`` full passes each, and the median samples/s of each counts. Features come from data/features (``dvc repro``), else
-the default corpus is built and featurized into a tmp dir (see benchmarks/train_overhead.py).
+the default corpus is built and featurized into a tmp dir (see benchmarks/common.py).
 
 Writes benchmarks/results/loader.json; the last line printed is ``memmap_over_pt_files=X``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -31,15 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_overhead import real_features  # noqa: E402
+from common import REPO, benchmark_parser, load_features, parse_benchmark_args, write_result  # noqa: E402
 
 from pipeline.training.config import TrainerParams  # noqa: E402
 from pipeline.training.data import FeatureDataModule, LabelCoder  # noqa: E402
@@ -80,21 +75,13 @@ def timed_passes(loader: DataLoader, passes: int) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--features", type=Path, default=None, help="features folder (default data/features)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed measurements of each variant (>= 3)")
+    parser = benchmark_parser(__doc__, repeats=7, repeats_help="timed measurements of each variant (>= 3)")
     parser.add_argument("--passes", type=int, default=10, help="full passes over the rows per measurement")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--out", type=Path, default=RESULT)
-    args = parser.parse_args(argv)
-    if args.repeats < 3:
-        parser.error("--repeats must be >= 3")
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser, argv, RESULT)
 
     with tempfile.TemporaryDirectory(prefix="loader_bench_") as tmp:
-        features_dir = real_features(args.features, Path(tmp))
-        index = pd.read_parquet(features_dir / "index.parquet")
-        meta = json.loads((features_dir / "meta.json").read_text())
+        features = load_features(args.features, Path(tmp))
+        features_dir, index, meta = features.dir, features.index, features.meta
         train = index[index["split"] == "train"]
         coder = LabelCoder(meta["classes"], meta["classes"][-1] if len(meta["classes"]) == 2 else None)
         rows, targets = train["row"].to_numpy(), coder.encode(train["label"])
@@ -140,9 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         "features": str(features_dir),
         "details": {name: [round(s, 4) for s in t] for name, t in times.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=2))
+    write_result(args.out, result)
     print(f"memmap_over_pt_files={rate['memmap'] / rate['pt']:.2f}")
 
 

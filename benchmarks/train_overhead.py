@@ -32,9 +32,7 @@ the functions of pipeline/training/modules.py and the Lightning/torchmetrics cal
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
-import json
 import pstats
 import statistics
 import sys
@@ -43,12 +41,12 @@ import time
 from pathlib import Path
 
 import lightning as L
-import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, benchmark_parser, load_features, parse_benchmark_args, write_result  # noqa: E402
 
 from pipeline.config import load_section  # noqa: E402
 from pipeline.train import TrainParams, make_module  # noqa: E402
@@ -58,33 +56,6 @@ from pipeline.training.networks import build_network, make_spec  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "train_overhead.json"
 BATCH_SIZE = 32
-
-
-def build_default_features(out: Path) -> Path:
-    """The default corpus -> validate_raw -> featurize with the repo's params.yaml, into ``out``."""
-    from pipeline import featurize, validate_raw
-    from pipeline.corpus import build
-
-    raw = out / "raw"
-    build(raw)
-    params = REPO / "params.yaml"
-    validate_raw.main(["--raw", str(raw), "--manifest", str(out / "manifest.parquet"),
-                       "--result", str(out / "validate_raw.json"), "--docs", str(out / "gx"),
-                       "--params", str(params)])
-    featurize.main(["--raw", str(raw), "--manifest", str(out / "manifest.parquet"),
-                    "--out", str(out / "features"), "--params", str(params)])
-    return out / "features"
-
-
-def real_features(arg: Path | None, tmp: Path) -> Path:
-    """``arg``, else the repo's data/features, else freshly built default-corpus features."""
-    for candidate in (arg, REPO / "data" / "features"):
-        if candidate is not None and (candidate / "features.npy").exists():
-            return candidate
-    if arg is not None:
-        raise SystemExit(f"{arg}: no features.npy there")
-    print("data/features not found: building the default corpus features in a tmp dir", file=sys.stderr)
-    return build_default_features(tmp)
 
 
 def stage_params() -> TrainParams:
@@ -126,23 +97,15 @@ class Interleave(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--features", type=Path, default=None, help="features folder (default data/features)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed epochs of each (>= 3)")
+    parser = benchmark_parser(__doc__, repeats=5, repeats_help="timed epochs of each (>= 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs of each first")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="cProfile one Lightning epoch")
-    parser.add_argument("--out", type=Path, default=RESULT)
-    args = parser.parse_args(argv)
-    if args.repeats < 3:
-        parser.error("--repeats must be >= 3")
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser, argv, RESULT)
 
     with tempfile.TemporaryDirectory(prefix="train_overhead_") as tmp:
-        features_dir = real_features(args.features, Path(tmp))
-        index = pd.read_parquet(features_dir / "index.parquet")
-        meta = json.loads((features_dir / "meta.json").read_text())
+        features = load_features(args.features, Path(tmp))
+        features_dir, index, meta = features.dir, features.index, features.meta
         _, n_mels, frames = meta["shape"]
         p = stage_params()
         coder = LabelCoder(meta["classes"], p.positive_class)
@@ -199,9 +162,7 @@ def main(argv: list[str] | None = None) -> None:
               "per_step_overhead_ms": round(1000 * (lightning_s - raw_s) / batches, 2),
               "details": {"lightning_epoch_s": [round(t, 4) for t in timer.lightning],
                           "raw_epoch_s": [round(t, 4) for t in timer.raw]}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=2))
+    write_result(args.out, result)
     if timer.profiler is not None:
         stats = pstats.Stats(timer.profiler)
         print("\ncProfile of the last Lightning epoch (cumulative; pipeline/training/modules.py and callees):")

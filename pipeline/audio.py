@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import librosa
 import numpy as np
 import soundfile as sf
+import soxr
 
 Source = str | Path | bytes
 
@@ -150,7 +150,8 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """Resample a mono float32 wave; a no-op copy-free return when the rates match."""
     if orig_sr == target_sr:
         return wave
-    return librosa.resample(wave, orig_sr=orig_sr, target_sr=target_sr, res_type="soxr_hq")
+    # soxr directly: librosa.resample(res_type="soxr_hq") is this call behind a per-axis loop.
+    return soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
 
 
 def load(source: Source, sample_rate: int, name: str | None = None,

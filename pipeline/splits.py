@@ -31,15 +31,20 @@ def assign(labels: pd.Series, groups: pd.Series, p: SplitParams) -> pd.DataFrame
     """
     n_groups = groups.nunique()
     holdout_k = max(2, round(1 / p.test_fraction))
-    if n_groups < holdout_k or n_groups - n_groups // holdout_k < p.n_folds:
-        raise ValueError(
-            f"{n_groups} groups are too few for test_fraction={p.test_fraction} and "
-            f"n_folds={p.n_folds}: need at least {max(holdout_k, p.n_folds + p.n_folds // (holdout_k - 1) + 1)}")
+    if n_groups < holdout_k:
+        raise ValueError(f"{n_groups} groups are too few for test_fraction={p.test_fraction} and "
+                         f"n_folds={p.n_folds}: need at least {holdout_k} (featurize.split)")
     x = np.zeros(len(labels))
     outer = StratifiedGroupKFold(n_splits=holdout_k, shuffle=True, random_state=p.seed)
     _, test_idx = next(outer.split(x, labels, groups))
     split = np.full(len(labels), "train", dtype=object)
     split[test_idx] = "test"
+    # Stratification decides how many groups the test fold takes, so count what is left.
+    left = groups[split == "train"].nunique()
+    if left < p.n_folds:
+        raise ValueError(
+            f"{n_groups} groups are too few for test_fraction={p.test_fraction} and n_folds={p.n_folds}: "
+            f"the test set took {n_groups - left}, leaving {left} for {p.n_folds} folds (featurize.split)")
     fold = np.full(len(labels), -1, dtype=np.int64)
     train_idx = np.flatnonzero(split == "train")
     inner = StratifiedGroupKFold(n_splits=p.n_folds, shuffle=True, random_state=p.seed)

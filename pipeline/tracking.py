@@ -274,7 +274,7 @@ def log_pytorch_model(
         raise RuntimeError("log_pytorch_model must be called inside stage_run(...)")
     model.eval()  # export the inference graph (no dropout, frozen batch-norm statistics)
     with torch.no_grad():
-        output = model(torch.from_numpy(signature_example)).numpy()
+        output = model(torch.tensor(signature_example)).numpy()  # a copy: the example may be read-only
     with _explain_unreachable():
         info = mlflow.pytorch.log_model(
             model,

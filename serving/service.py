@@ -3,27 +3,34 @@
 Decoding (pipeline.audio), features (pipeline.features.log_mel_batch with the model's own
 FeatureParams), scoring (pipeline.evaluation.ExportedModel, safetensors, no pickle) and the
 group vote (pipeline.stats.group_vote) are the pipeline's functions, so the service scores a
-file exactly as the evaluate stage does. The model call is one batchable API (``predict``);
-the public endpoints reach it through BentoML's self-proxy, so concurrent requests share a
-batch. Serve on loopback: ``bentoml serve serving.service:Soundline --host 127.0.0.1``.
+file exactly as the evaluate stage does.
+
+Adaptive batching: every endpoint's model call goes through BentoML's own adaptive batcher
+(the CorkDispatcher behind ``@bentoml.api(batchable=True)``), driven in-process on the feature
+arrays. A batchable API reached through ``self.to_async`` would cost a JSON round trip of
+each (n_mels, frames) array through BentoML's in-process HTTP proxy, several times the
+model's own cost per clip. Serve on loopback: ``bentoml serve serving.service:Soundline``.
 
 Env: SOUNDLINE_MODEL_TAG (BentoML model tag, default soundline:latest), SOUNDLINE_PARAMS
 (params file with the ``serve`` section, default params.yaml beside serving/),
-SOUNDLINE_BATCHING=0 (call the model directly, one clip per call: the benchmark's baseline).
+SOUNDLINE_BATCHING=0 (call the model directly, one request per call: the benchmark's baseline).
 """
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import tempfile
 from pathlib import Path
 
-import aiohttp
 import bentoml
 import numpy as np
 import pandas as pd
+import prometheus_client
 import torch
 import yaml
-from pydantic import Field
+from bentoml._internal.marshal.dispatcher import CorkDispatcher  # pinned: bentoml==1.4.39
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from pipeline import audio
@@ -34,10 +41,50 @@ from pipeline.stats import group_vote
 
 
 class ServeParams(Section):
-    max_batch_size: int = Field(32, ge=2)  # BentoML needs > 1; SOUNDLINE_BATCHING=0 disables batching
-    max_latency_ms: int = Field(10000, gt=0)  # queued longer: 503 (BentoML sheds load)
+    max_batch_size: int = Field(32, ge=1)  # clips per model call
+    max_latency_ms: int = Field(2000, gt=0)  # a clip that would wait longer is shed: 503
+    torch_threads: int = Field(1, ge=1)  # per model call; the event loop and decoding need a core too
+    workers: int = Field(1, ge=1)  # server processes, each with its own model copy and batcher
+    access_log: bool = False  # a log line per request costs ~1 ms of the event loop; /metrics counts them
     max_upload_mb: float = Field(10.0, gt=0)
     max_duration_s: float = Field(30.0, gt=0)
+
+
+class Served(BaseModel):
+    """Which registered model answered: every response carries it."""
+
+    model: str
+    version: str | None
+    alias: str | None
+    bento_model: str
+
+
+class Prediction(Served):
+    file: str
+    label: str
+    probabilities: dict[str, float]  # over the model's classes
+
+
+class Predictions(BaseModel):
+    predictions: list[Prediction]
+
+
+class Verdict(Served):
+    group: str
+    label: str  # majority vote over the group's files, as the evaluate stage votes
+    votes: str  # "class:count,..."
+    n_files: int
+    files: list[Prediction]
+
+
+class Embedding(Served):
+    embedding: list[float]
+    dim: int
+
+
+class Features(Served):
+    features: list[list[float]]  # (n_mels, frames)
+    shape: list[int]
 
 
 PARAMS_FILE = Path(os.environ.get("SOUNDLINE_PARAMS") or Path(__file__).resolve().parents[1] / "params.yaml")
@@ -81,11 +128,32 @@ def too_large(size: int) -> dict:
     return {"error": f"upload too large: {problem}", "problem": problem}
 
 
+class Overloaded(Exception):
+    """The batcher shed a request that would have waited longer than max_latency_ms."""
+
+
+def _shed() -> np.ndarray:
+    raise Overloaded
+
+
+def upload_name(path: Path) -> str:
+    """The client's file name of an upload that BentoML saved as a temporary file.
+
+    BentoML (pinned 1.4.39) keeps the name as the suffix of ``tempfile.NamedTemporaryFile``:
+    "tmp" + 8 random characters + name. Errors and predictions must name the client's file.
+    """
+    prefix = tempfile.gettempprefix()
+    name = path.name
+    return (name[len(prefix) + 8:] or "upload") if name.startswith(prefix) and len(name) >= len(prefix) + 8 else name
+
+
 def rejected(name: str, problem: str, status: int = 422) -> JSONResponse:
     return JSONResponse({"error": f"{name}: {problem}", "problem": problem, "file": name}, status_code=status)
 
 
-@bentoml.service(name="soundline", workers=1, traffic={"timeout": 60}, http={"host": "127.0.0.1"})
+# Tracing off by default (no exporter is configured; set BentoML's tracing config to use one).
+@bentoml.service(name="soundline", workers=SERVE.workers, traffic={"timeout": 60}, http={"host": "127.0.0.1"},
+                 tracing={"sample_rate": 0.0}, logging={"access": {"enabled": SERVE.access_log}})
 class Soundline:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
@@ -98,6 +166,17 @@ class Soundline:
         self.model_info = {"model": labels.get("mlflow_model", stored.tag.name),
                            "version": labels.get("mlflow_version"), "alias": labels.get("alias"),
                            "bento_model": str(stored.tag)}
+        torch.set_num_threads(SERVE.torch_threads)
+        # The imports (torch, pandas, BentoML) leave ~10^6 long-lived objects; freezing them keeps
+        # full collections from rescanning them (~170 ms each, a stall of every request in flight).
+        gc.collect()
+        gc.freeze()
+        # Created here, not at import: BentoML sets up multiprocess Prometheus before __init__.
+        self.batch_sizes = prometheus_client.Histogram(
+            "soundline_model_batch_size", "Clips per model call (adaptive batching)",
+            buckets=[2 ** i for i in range(SERVE.max_batch_size.bit_length() + 1)])
+        self._batched = CorkDispatcher(SERVE.max_latency_ms, SERVE.max_batch_size, fallback=_shed,
+                                       get_batch_size=len)(self._forward_batch)
 
     def _features(self, path: Path, name: str) -> np.ndarray:
         """(n_mels, frames) log-mel of one upload; raises AudioError (bad audio) or OverflowError."""
@@ -107,93 +186,87 @@ class Soundline:
         wave = audio.load(data, self.features_params.sample_rate, name=name, max_duration_s=SERVE.max_duration_s)
         return log_mel_batch([wave], self.features_params)[0][0]
 
-    async def _featurize(self, files: list[Path]) -> np.ndarray | JSONResponse:
+    async def _featurize(self, files: list[Path], names: list[str]) -> np.ndarray | JSONResponse:
         try:
-            feats = await asyncio.gather(*(asyncio.to_thread(self._features, f, f.name) for f in files))
+            feats = await asyncio.gather(*(asyncio.to_thread(self._features, f, n) for f, n in zip(files, names)))
         except audio.AudioError as err:
             return rejected(err.source, err.problem)
         except OverflowError as err:
             return JSONResponse(too_large(err.args[0]), status_code=413)
         return np.stack(feats) if feats else JSONResponse({"error": "no files uploaded"}, status_code=400)
 
-    async def _probabilities(self, feats: np.ndarray) -> np.ndarray:
-        if not BATCHING:
-            return await asyncio.to_thread(self._forward, feats)
-        for attempt in range(3):  # predict is idempotent; the in-process proxy can drop a connection
-            try:  # one entry in the adaptive batch
-                return np.asarray(await self.to_async.predict(feats))
-            except aiohttp.ClientConnectionError:
-                if attempt == 2:
-                    raise
-
-    async def _scored(self, feats: np.ndarray) -> np.ndarray | JSONResponse:
+    async def _probabilities(self, feats: np.ndarray) -> np.ndarray | JSONResponse:
         try:
-            return await self._probabilities(feats)
-        except (bentoml.exceptions.BentoMLException, aiohttp.ClientError) as err:  # shed by the batch queue
-            return JSONResponse({"error": f"model overloaded, retry later: {err}"}, status_code=503)
+            return await (self._batched(feats) if BATCHING else asyncio.to_thread(self._forward, feats))
+        except Overloaded:
+            return JSONResponse({"error": f"model overloaded: queued over {SERVE.max_latency_ms} ms, "
+                                          "retry later", "problem": "overloaded"}, status_code=503)
 
     def _forward(self, feats: np.ndarray) -> np.ndarray:
         return self.model.class_probabilities(np.asarray(feats, np.float32), np.arange(len(feats)), batch_size=256)
 
-    def _prediction(self, name: str, probs: np.ndarray) -> dict:
+    def _forward_batch(self, jobs: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+        """One model call for the queued requests' (n_i, n_mels, frames) features; split back."""
+        feats = jobs[0] if len(jobs) == 1 else np.concatenate(jobs)
+        self.batch_sizes.observe(len(feats))
+        return np.split(self._forward(feats), np.cumsum([len(j) for j in jobs])[:-1])
+
+    def _prediction(self, name: str, probs: np.ndarray) -> Prediction:
         classes = self.model.classes
-        return {"file": name, "label": classes[int(np.argmax(probs))],
-                "probabilities": {c: float(p) for c, p in zip(classes, probs)}, **self.model_info}
+        return Prediction(file=name, label=classes[int(np.argmax(probs))],
+                          probabilities={c: float(p) for c, p in zip(classes, probs)}, **self.model_info)
 
-    @bentoml.api(batchable=True, max_batch_size=SERVE.max_batch_size, max_latency_ms=SERVE.max_latency_ms)
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        """(B, n_mels, frames) log-mel features → (B, K) class probabilities (order: model classes)."""
-        return self._forward(features)
-
+    # Typed (pydantic) responses also spare BentoML from rebuilding a JSON schema per response.
     @bentoml.api
-    async def classify(self, audio: Path) -> dict:
-        """One WAV upload → {label, probabilities, model, version, alias}."""
-        files = await self._classify([audio])
+    async def classify(self, audio: Path) -> Prediction:
+        """One WAV upload → its label and class probabilities."""
+        files = await self._classify([audio], [upload_name(audio)])
         return files if isinstance(files, JSONResponse) else files[0]
 
     @bentoml.api
-    async def classify_batch(self, audios: list[Path]) -> list:
+    async def classify_batch(self, audios: list[Path]) -> Predictions:
         """Several uploads → one prediction each (any bad file rejects the request, naming it)."""
-        return await self._classify(audios)
+        files = await self._classify(audios, [upload_name(a) for a in audios])
+        return files if isinstance(files, JSONResponse) else Predictions(predictions=files)
 
-    async def _classify(self, audios: list[Path]) -> list | JSONResponse:
-        feats = await self._featurize(audios)
+    async def _classify(self, audios: list[Path], names: list[str]) -> list[Prediction] | JSONResponse:
+        feats = await self._featurize(audios, names)
         if isinstance(feats, JSONResponse):
             return feats
-        probs = await self._scored(feats)
+        probs = await self._probabilities(feats)
         return probs if isinstance(probs, JSONResponse) else \
-            [self._prediction(f.name, p) for f, p in zip(audios, probs)]
+            [self._prediction(n, p) for n, p in zip(names, probs)]
 
     @bentoml.api
-    async def features(self, audio: Path) -> dict:
+    async def features(self, audio: Path) -> Features:
         """The log-mel features the model sees for one upload (for parity checks)."""
-        feats = await self._featurize([audio])
+        feats = await self._featurize([audio], [upload_name(audio)])
         if isinstance(feats, JSONResponse):
             return feats
-        return {"features": feats[0].tolist(), "shape": list(feats[0].shape), **self.model_info}
+        return Features(features=feats[0].tolist(), shape=list(feats[0].shape), **self.model_info)
 
     @bentoml.api
-    async def embed(self, audio: Path) -> dict:
+    async def embed(self, audio: Path) -> Embedding:
         """One upload → the encoder embedding."""
-        feats = await self._featurize([audio])
+        feats = await self._featurize([audio], [upload_name(audio)])
         if isinstance(feats, JSONResponse):
             return feats
         with torch.no_grad():
             emb = self.model.network.embed(torch.from_numpy(feats[:, None]))[0]
-        return {"embedding": emb.tolist(), "dim": int(emb.numel()), **self.model_info}
+        return Embedding(embedding=emb.tolist(), dim=int(emb.numel()), **self.model_info)
 
     @bentoml.api
-    async def group_verdict(self, audios: list[Path], group: str = "group") -> dict:
+    async def group_verdict(self, audios: list[Path], group: str = "group") -> Verdict:
         """Recordings of one group (e.g. one patient) → per-file predictions and the majority vote."""
-        files = await self._classify(audios)
+        files = await self._classify(audios, [upload_name(a) for a in audios])
         if isinstance(files, JSONResponse):
             return files
         positive = self.model.info.get("positive_class") or self.model.classes[-1]
-        table = pd.DataFrame({"group": group, "predicted": [f["label"] for f in files], "label": "",
-                              "kept": True, "p": [f["probabilities"][positive] for f in files]})
+        table = pd.DataFrame({"group": group, "predicted": [f.label for f in files], "label": "",
+                              "kept": True, "p": [f.probabilities[positive] for f in files]})
         vote = group_vote(table, all_filtered_class=positive, prob_col="p", positive_class=positive).iloc[0]
-        return {"group": group, "label": vote["predicted"], "votes": vote["votes"], "n_files": int(vote["n_files"]),
-                "files": files, **self.model_info}
+        return Verdict(group=group, label=vote["predicted"], votes=vote["votes"], n_files=int(vote["n_files"]),
+                       files=files, **self.model_info)
 
 
 Soundline.add_asgi_middleware(UploadLimit, limit=MAX_UPLOAD_BYTES)

@@ -6,7 +6,6 @@ The resume test runs ``python -m pipeline.train`` as a subprocess and SIGKILLs i
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -30,14 +29,15 @@ from safetensors.torch import load_file
 
 from pipeline import filter as filter_stage
 from pipeline import pretrain, tracking, train
-from pipeline.splits import SplitParams, assign
 from pipeline.training.config import ModelParams
 from pipeline.training.data import LabelCoder
 from pipeline.training.networks import backbone_of, build_network, make_spec
 
-REPO = Path(__file__).resolve().parents[2]
-N_MELS, FRAMES = 32, 32
-CLASSES = ["bad", "good"]
+from tests.conftest import SYNTH_CLASSES as CLASSES
+from tests.conftest import SYNTH_FRAMES as FRAMES
+from tests.conftest import SYNTH_N_MELS as N_MELS
+from tests.conftest import write_params, write_synthetic_features
+
 EXPERIMENT = "soundline-training-tests"
 RECON_COLUMNS = ["filename", "reconstruction_loss", "signal_energy"]
 
@@ -52,50 +52,9 @@ STAGE_PARAMS: dict[str, Any] = {
 
 # --- helpers ------------------------------------------------------------------------------
 
-def write_synthetic_features(out: Path, n_groups: int = 8, per_group: int = 6, n_folds: int = 3,
-                             seed: int = 0, split_seed: int = 0) -> Path:
-    """A features folder as pipeline.featurize writes it (48 clips, 2 classes, 8 mixed groups,
-    "bad" clips with a bright band of mel bins; splits from pipeline.splits.assign)."""
-    rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    n = n_groups * per_group
-    labels = np.array(["good", "bad"] * (n // 2))
-    groups = np.repeat([f"spk{g:02d}" for g in range(n_groups)], per_group)
-    x = rng.normal(-0.5, 0.3, size=(n, N_MELS, FRAMES)).astype(np.float32)
-    x[labels == "bad", N_MELS // 2:N_MELS // 2 + 4, :] += 2.0
-    np.save(out / "features.npy", x)
-    index = pd.DataFrame({"row": np.arange(n), "path": [f"{g}/clip_{i:03d}.wav" for i, g in enumerate(groups)],
-                          "label": labels, "group": groups, "duration_s": rng.uniform(0.5, 1.5, n)})
-    index[["split", "fold"]] = assign(index["label"], index["group"],
-                                      SplitParams(test_fraction=0.25, n_folds=n_folds, seed=split_seed))
-    index["energy"] = rng.uniform(0.01, 0.1, n).astype(np.float32)
-    index.to_parquet(out / "index.parquet", index=False)
-    features = {"sample_rate": 16000, "n_fft": 512, "win_length": None, "hop_length": 160, "n_mels": N_MELS,
-                "fmin": 0.0, "fmax": None, "frames": FRAMES, "pad_mode": "constant", "crop": "center",
-                "top_db": 80.0, "normalize": "fixed", "norm_mean": -55.0, "norm_std": 24.0}
-    (out / "meta.json").write_text(json.dumps({"features": features, "label_column": "quality",
-                                               "shape": [n, N_MELS, FRAMES], "classes": CLASSES}))
-    return out
-
-
-def deep_update(base: dict, updates: Mapping[str, Any]) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in updates.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = deep_update(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def write_params(dest: Path, *updates: Mapping[str, Any]) -> Path:
+def write_stage_params(dest: Path, *updates: Mapping[str, Any]) -> Path:
     """The repo's params.yaml (read only) with the small-run settings and ``updates`` merged in."""
-    params = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), STAGE_PARAMS)
-    for update in updates:
-        params = deep_update(params, update)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(yaml.safe_dump(params, sort_keys=False))
-    return dest
+    return write_params(dest, STAGE_PARAMS, *updates)
 
 
 def sha256(path: Path) -> str:
@@ -168,7 +127,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Paths]:
     """pretrain -> filter -> train through their ``main`` with a tmp params.yaml and SQLite MLflow."""
     p = Paths(tmp_path_factory.mktemp("stages"))
     write_synthetic_features(p.features)
-    write_params(p.params)
+    write_stage_params(p.params)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
@@ -336,7 +295,7 @@ def test_train_against_mlflow_server(request: pytest.FixtureRequest, tmp_path: P
     p = Paths(tmp_path)
     write_synthetic_features(p.features)
     empty_ignored(p.ignored)
-    write_params(p.params, {"train": {"folds": [0], "trainer": {"max_epochs": 2}}})
+    write_stage_params(p.params, {"train": {"folds": [0], "trainer": {"max_epochs": 2}}})
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     experiment = f"training-{uuid.uuid4().hex[:8]}"
@@ -400,8 +359,8 @@ def test_killed_train_stage_resumes(tmp_path: Path) -> None:
     write_synthetic_features(p.features)
     empty_ignored(p.ignored)
     # Long enough that fold_1 is mid-training when we kill; patience so high it never stops early.
-    write_params(p.params, {"train": {"folds": [0, 1],
-                                      "trainer": {"max_epochs": 30, "patience": 100, "save_top_k": 1}}})
+    write_stage_params(p.params, {"train": {"folds": [0, 1],
+                                            "trainer": {"max_epochs": 30, "patience": 100, "save_top_k": 1}}})
     cmd = [sys.executable, "-m", "pipeline.train", *train_args(p)]
     fold0, fold1 = p.train_work / "fold_0", p.train_work / "fold_1"
     log = tmp_path / "first.log"
@@ -454,8 +413,8 @@ def test_killed_train_stage_resumes(tmp_path: Path) -> None:
 
     # A changed param changes the fingerprint: the rerun starts over and wipes the old folds.
     key = (p.train_work / "fingerprint.txt").read_text()
-    changed = write_params(tmp_path / "params_changed.yaml",
-                           {"train": {"folds": [0, 1], "trainer": {"max_epochs": 2, "save_top_k": 1}}})
+    changed = write_stage_params(tmp_path / "params_changed.yaml",
+                                 {"train": {"folds": [0, 1], "trainer": {"max_epochs": 2, "save_top_k": 1}}})
     with pytest.MonkeyPatch.context() as mp:  # in-process: spares a third interpreter start
         local_tracking(mp, p)
         train.main(train_args(p, changed))
@@ -472,7 +431,7 @@ def test_changed_fold_assignment_invalidates_work(tmp_path: Path, monkeypatch: p
     p = Paths(tmp_path)
     write_synthetic_features(p.features)
     empty_ignored(p.ignored)
-    write_params(p.params, {"train": {"folds": [0], "trainer": {"max_epochs": 1}}})
+    write_stage_params(p.params, {"train": {"folds": [0], "trainer": {"max_epochs": 1}}})
     local_tracking(monkeypatch, p)
     train.main(train_args(p))
     first = json.loads(p.train_metrics.read_text())
@@ -494,7 +453,7 @@ def test_init_from_pretrain_with_cnn_is_refused(tmp_path: Path, monkeypatch: pyt
     p = Paths(tmp_path)
     write_synthetic_features(p.features)
     empty_ignored(p.ignored)
-    params = write_params(p.params, {"train": {"init_from_pretrain": True, "model": {"arch": "cnn"}}})
+    params = write_stage_params(p.params, {"train": {"init_from_pretrain": True, "model": {"arch": "cnn"}}})
     local_tracking(monkeypatch, p)
     with pytest.raises(SystemExit) as exit_info:
         train.main(train_args(p, params))
@@ -507,7 +466,7 @@ def test_unknown_loss_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     p = Paths(tmp_path)
     write_synthetic_features(p.features)
     empty_ignored(p.ignored)
-    params = write_params(p.params, {"train": {"loss": "hinge"}})
+    params = write_stage_params(p.params, {"train": {"loss": "hinge"}})
     local_tracking(monkeypatch, p)
     with pytest.raises(SystemExit) as exit_info:
         train.main(train_args(p, params))
@@ -521,7 +480,7 @@ def test_unknown_loss_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_pretrain_unknown_train_class_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     p = Paths(tmp_path)
     write_synthetic_features(p.features)
-    params = write_params(p.params, {"pretrain": {"train_classes": ["good", "ugly"]}})
+    params = write_stage_params(p.params, {"pretrain": {"train_classes": ["good", "ugly"]}})
     local_tracking(monkeypatch, p)
     with pytest.raises(SystemExit) as exit_info:
         pretrain.main(pretrain_args(p, params))

@@ -88,12 +88,11 @@ def test_too_few_groups_is_a_clear_error(n_groups: int, test_fraction: float, n_
         assign(frame["label"], frame["group"], SplitParams(test_fraction=test_fraction, n_folds=n_folds))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the group-count guard assumes the test fold takes "
-                   "floor(n/k) groups; here it takes 5 of 9 and sklearn raises its own message")
 def test_too_few_groups_left_after_the_holdout_is_a_clear_error() -> None:
-    frame = group_labelled(9)
-    with pytest.raises(ValueError, match="too few"):
-        assign(frame["label"], frame["group"], SplitParams(test_fraction=0.4, n_folds=5))
+    # 7 groups, k=3 holdout: a naive count expects 7 - 7 // 3 = 5 left, but the fold takes 3.
+    frame = group_labelled(7)
+    with pytest.raises(ValueError, match=r"too few .* the test set took 3, leaving 4 for 5 folds"):
+        assign(frame["label"], frame["group"], SplitParams(test_fraction=0.3, n_folds=5))
 
 
 @pytest.mark.parametrize(("key", "value"), [("test_fraction", 0.5), ("test_fraction", 0.0), ("n_folds", 1)])

@@ -5,7 +5,6 @@ stays well under a minute on two shared cores. Everything is written under tmp_p
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from pipeline.splits import SplitParams, assign
 from pipeline.train import TrainParams, TripletParams, fold_rows, make_module, summarize
 from pipeline.training.config import ModelParams, TrainerParams
 from pipeline.training.data import FeatureDataModule, FeatureDataset, LabelCoder, oversampler
@@ -26,42 +24,13 @@ from pipeline.training.losses import LOSSES
 from pipeline.training.modules import ClassifierModule, MAEModule, TripletModule
 from pipeline.training.networks import build_network, make_spec
 
-N_MELS, FRAMES = 32, 32
-CLASSES = ["bad", "good"]
-BAND = slice(N_MELS // 2, N_MELS // 2 + 4)  # mel bins that are bright in "bad" clips
+from tests.conftest import SYNTH_CLASSES as CLASSES
+from tests.conftest import SYNTH_FRAMES as FRAMES
+from tests.conftest import SYNTH_N_MELS as N_MELS
+from tests.conftest import write_synthetic_features
 
 
-# --- synthetic features folder ------------------------------------------------------------
-
-def write_synthetic_features(out: Path, n_groups: int = 8, per_group: int = 6, n_folds: int = 3,
-                             seed: int = 0) -> Path:
-    """A features folder as pipeline.featurize writes it: 48 clips, 2 classes, 8 groups.
-
-    Every group holds both classes (so every fold does); "bad" clips carry a bright band of
-    4 mel bins, which a model can learn. Splits come from pipeline.splits.assign.
-    """
-    rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    n = n_groups * per_group
-    labels = np.array(["good", "bad"] * (n // 2))
-    groups = np.repeat([f"spk{g:02d}" for g in range(n_groups)], per_group)
-    x = rng.normal(-0.5, 0.3, size=(n, N_MELS, FRAMES)).astype(np.float32)
-    x[labels == "bad", BAND, :] += 2.0
-    np.save(out / "features.npy", x)
-    index = pd.DataFrame({"row": np.arange(n), "path": [f"{g}/clip_{i:03d}.wav" for i, g in enumerate(groups)],
-                          "label": labels, "group": groups,
-                          "duration_s": rng.uniform(0.5, 1.5, n)})
-    index[["split", "fold"]] = assign(index["label"], index["group"],
-                                      SplitParams(test_fraction=0.25, n_folds=n_folds, seed=0))
-    index["energy"] = rng.uniform(0.01, 0.1, n).astype(np.float32)
-    index.to_parquet(out / "index.parquet", index=False)
-    features = {"sample_rate": 16000, "n_fft": 512, "win_length": None, "hop_length": 160, "n_mels": N_MELS,
-                "fmin": 0.0, "fmax": None, "frames": FRAMES, "pad_mode": "constant", "crop": "center",
-                "top_db": 80.0, "normalize": "fixed", "norm_mean": -55.0, "norm_std": 24.0}
-    (out / "meta.json").write_text(json.dumps({"features": features, "label_column": "quality",
-                                               "shape": [n, N_MELS, FRAMES], "classes": CLASSES}))
-    return out
-
+# --- synthetic features folder (tests/conftest.py) ------------------------------------------
 
 @pytest.fixture(scope="module")
 def features_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

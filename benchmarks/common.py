@@ -1,0 +1,92 @@
+"""Shared by benchmarks/loader.py and benchmarks/train_overhead.py: their common CLI options,
+the real features they time on, and how they write their result.
+
+Features: ``--features``, else the repo's data/features (``dvc repro``), else the default
+corpus is built and featurized into a tmp dir with the pipeline's own functions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def benchmark_parser(doc: str, *, repeats: int, repeats_help: str) -> argparse.ArgumentParser:
+    """A parser (described by the first line of ``doc``) with ``--features`` and ``--repeats``;
+    the script adds its own options, then calls :func:`parse_benchmark_args`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--features", type=Path, default=None, help="features folder (default data/features)")
+    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    return parser
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv: list[str] | None, result: Path) -> argparse.Namespace:
+    """Add ``--threads`` and ``--out`` (default ``result``), parse ``argv``, require
+    ``--repeats >= 3`` and apply ``torch.set_num_threads``."""
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--out", type=Path, default=result)
+    args = parser.parse_args(argv)
+    if args.repeats < 3:
+        parser.error("--repeats must be >= 3")
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def build_default_features(out: Path) -> Path:
+    """The default corpus -> validate_raw -> featurize with the repo's params.yaml, into ``out``."""
+    from pipeline import featurize, validate_raw
+    from pipeline.corpus import build
+
+    raw = out / "raw"
+    build(raw)
+    params = REPO / "params.yaml"
+    validate_raw.main(["--raw", str(raw), "--manifest", str(out / "manifest.parquet"),
+                       "--result", str(out / "validate_raw.json"), "--docs", str(out / "gx"),
+                       "--params", str(params)])
+    featurize.main(["--raw", str(raw), "--manifest", str(out / "manifest.parquet"),
+                    "--out", str(out / "features"), "--params", str(params)])
+    return out / "features"
+
+
+def real_features(arg: Path | None, tmp: Path) -> Path:
+    """``arg``, else the repo's data/features, else freshly built default-corpus features."""
+    for candidate in (arg, REPO / "data" / "features"):
+        if candidate is not None and (candidate / "features.npy").exists():
+            return candidate
+    if arg is not None:
+        raise SystemExit(f"{arg}: no features.npy there")
+    print("data/features not found: building the default corpus features in a tmp dir", file=sys.stderr)
+    return build_default_features(tmp)
+
+
+@dataclass(frozen=True)
+class Features:
+    """A features folder with its index.parquet and meta.json read."""
+
+    dir: Path
+    index: pd.DataFrame
+    meta: dict[str, Any]
+
+
+def load_features(arg: Path | None, tmp: Path) -> Features:
+    """:func:`real_features` (building into ``tmp`` if needed), its index and its meta."""
+    features_dir = real_features(arg, tmp)
+    return Features(features_dir, pd.read_parquet(features_dir / "index.parquet"),
+                    json.loads((features_dir / "meta.json").read_text()))
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` as JSON to ``out`` and print it, less its ``details``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=2))
