@@ -5,7 +5,7 @@ BIN    := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: install espeak corpus demo repro compare test test-unit bench lock clean
+.PHONY: install espeak corpus demo repro compare test test-unit bench lock clean container-test
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,14 @@ test: install espeak
 
 test-unit: install
 	python -m pytest tests/unit $(PYTEST_ARGS)
+
+# The image end to end (tests/container/run.sh): podman build, dvc repro in the container on the
+# reduced corpus with an MLflow server container, bentoml serve + a real /classify request.
+# Needs podman (../shared/tools/container-sandbox.sh sets it up) and 2-4 min (~7 with a cold
+# build): not part of `make test`.
+CONTAINER_SANDBOX ?= $(CURDIR)/../shared/tools/container-sandbox.sh
+container-test:
+	CONTAINER_SANDBOX=$(CONTAINER_SANDBOX) tests/container/run.sh
 
 bench: install espeak
 	python benchmarks/featurize.py

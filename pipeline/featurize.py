@@ -55,6 +55,9 @@ def featurize(raw_dir: Path, paths: list[str], params: FeatureParams, workers: i
     array = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32,
                                       shape=(len(paths), params.n_mels, params.frames))
     del array  # header written and file sized; the workers fill in the rows
+    # One clip here first: forked workers then inherit the filterbank, the FFT plan and
+    # librosa's lazily imported modules instead of each paying ~0.3 s for them on its first chunk.
+    log_mel_batch([np.zeros(params.clip_samples, np.float32)], params)
     tasks = [(raw_dir, list(c), params, out, i * chunk) for i, c in enumerate(chunked(paths, chunk))]
     energies = pmap(_featurize_chunk, tasks, workers, "featurize", chunk=1)
     return np.concatenate(energies) if energies else np.empty(0, np.float32)
