@@ -150,8 +150,11 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """Resample a mono float32 wave; a no-op copy-free return when the rates match."""
     if orig_sr == target_sr:
         return wave
-    # soxr directly: librosa.resample(res_type="soxr_hq") is this call behind a per-axis loop.
-    return soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
+    # librosa.resample(res_type="soxr_hq") without its per-axis loop: the same soxr call, then
+    # its length, ceil(n * ratio) (soxr may give one sample less), so features match librosa's.
+    out = soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
+    n = int(np.ceil(len(wave) * target_sr / orig_sr))
+    return out[:n] if len(out) >= n else np.pad(out, (0, n - len(out)))
 
 
 def load(source: Source, sample_rate: int, name: str | None = None,

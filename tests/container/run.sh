@@ -75,22 +75,15 @@ find "$T/repo" -name __pycache__ -prune -exec rm -rf {} +
 [ "$(id -u)" = 0 ] && chown -R 1000:1000 "$T"
 
 # Inside the image: espeak-ng corpus, params, git + DVC (this also proves git and dvc work in
-# a mounted checkout). Reduced params as tests/integration/test_compare.py REDUCED_PARAMS.
+# a mounted checkout). Reduced params: tests/reduced_params.yaml, as the `make compare` test.
 mkdir -p "$T/prep"
+cp "$REPO/tests/reduced_params.yaml" "$T/prep/"
 cat > "$T/prep/prep.sh" <<'EOF'
 set -eu
 python -m pipeline.corpus --out data/raw --speakers 8 --digits 5
 python - <<'PY'
 import yaml
-reduced = {
-    "validate_raw": {"min_clips_per_class": 5},
-    "featurize": {"split": {"n_folds": 2, "test_fraction": 0.25}},
-    "validate_features": {"min_clips_per_fold_class": 1},
-    "pretrain": {"trainer": {"max_epochs": 2, "progress_bar": False}},
-    "train": {"trainer": {"max_epochs": 2, "progress_bar": False}},
-    "evaluate": {"bootstrap_resamples": 100},
-    "register": {"bootstrap_resamples": 100},
-}
+reduced = yaml.safe_load(open("/prep/reduced_params.yaml"))
 params = yaml.safe_load(open("params.yaml"))
 def update(base, new):
     for k, v in new.items():

@@ -23,6 +23,7 @@ import yaml
 from scipy import stats
 
 from pipeline import compare, tracking
+from tests.conftest import REPO
 
 N_FILES = 24
 CLASSES = ["bad", "good"]
@@ -188,15 +189,7 @@ def test_artifacts_outlive_the_stage_working_directory(tmp_path: Path, monkeypat
 VARIANTS = ["cnn", "cnn-focal", "mae-scratch", "mae-pretrained"]
 PIPELINE_STAGES = ["validate_raw", "featurize", "validate_features", "pretrain", "filter", "train",
                    "evaluate", "register"]  # later stages (packaging) are not needed to compare
-REDUCED_PARAMS = {
-    "validate_raw": {"min_clips_per_class": 5},
-    "featurize": {"split": {"n_folds": 2, "test_fraction": 0.25}},
-    "validate_features": {"min_clips_per_fold_class": 1},
-    "pretrain": {"trainer": {"max_epochs": 2, "progress_bar": False}},
-    "train": {"trainer": {"max_epochs": 2, "progress_bar": False}},
-    "evaluate": {"bootstrap_resamples": 100},
-    "register": {"bootstrap_resamples": 100},
-}
+REDUCED_PARAMS = yaml.safe_load((REPO / "tests" / "reduced_params.yaml").read_text())
 MAKE_TIMEOUT_S = 1500
 
 

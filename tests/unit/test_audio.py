@@ -79,7 +79,8 @@ def test_stereo_is_downmixed_to_the_channel_mean() -> None:
 
 
 @pytest.mark.parametrize(("n", "orig", "target"), [(8000, 8000, 16000), (8001, 8000, 16000),
-                                                    (16000, 16000, 8000), (12345, 44100, 16000)])
+                                                    (16000, 16000, 8000), (12345, 44100, 16000),
+                                                    (16439, 22050, 16000)])  # soxr alone: 1 short
 def test_resample_length(n: int, orig: int, target: int) -> None:
     t = np.arange(n) / orig
     wave = np.sin(2 * np.pi * 200 * t).astype(np.float32)
@@ -90,6 +91,15 @@ def test_resample_length(n: int, orig: int, target: int) -> None:
     # a 200 Hz tone survives resampling: same RMS (away from the edges)
     mid = out[len(out) // 4: 3 * len(out) // 4]
     assert np.sqrt(np.mean(mid ** 2)) == pytest.approx(np.sqrt(0.5), rel=0.02)
+
+
+@pytest.mark.parametrize(("n", "orig", "target"), [(16439, 22050, 16000), (7, 8000, 16000), (9600, 96000, 16000)])
+def test_resample_equals_librosa_soxr_hq(n: int, orig: int, target: int) -> None:
+    import librosa
+
+    wave = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    expected = librosa.resample(wave, orig_sr=orig, target_sr=target, res_type="soxr_hq")
+    np.testing.assert_array_equal(audio.resample(wave, orig, target), expected)
 
 
 def test_resample_same_rate_is_identity() -> None:
