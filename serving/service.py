@@ -5,11 +5,12 @@ FeatureParams), scoring (pipeline.evaluation.ExportedModel, safetensors, no pick
 group vote (pipeline.stats.group_vote) are the pipeline's functions, so the service scores a
 file exactly as the evaluate stage does.
 
-Adaptive batching: every endpoint's model call goes through BentoML's own adaptive batcher
-(the CorkDispatcher behind ``@bentoml.api(batchable=True)``), driven in-process on the feature
-arrays. A batchable API reached through ``self.to_async`` would cost a JSON round trip of
-each (n_mels, frames) array through BentoML's in-process HTTP proxy, several times the
-model's own cost per clip. Serve on loopback: ``bentoml serve serving.service:Soundline``.
+Adaptive batching: every classification (classify, classify_batch, group_verdict) goes through
+BentoML's own adaptive batcher (the CorkDispatcher behind ``@bentoml.api(batchable=True)``),
+driven in-process on the feature arrays. A batchable API reached through ``self.to_async``
+would cost a JSON round trip of each (n_mels, frames) array through BentoML's in-process HTTP
+proxy, several times the model's own cost per clip.
+Serve on loopback: ``bentoml serve serving.service:Soundline``.
 
 Env: SOUNDLINE_MODEL_TAG (BentoML model tag, default soundline:latest), SOUNDLINE_PARAMS
 (params file with the ``serve`` section, default params.yaml beside serving/),
