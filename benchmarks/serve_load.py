@@ -1,19 +1,20 @@
 """Load benchmark of the BentoML service on loopback: adaptive batching vs none vs the raw model.
 
-    python benchmarks/serve_load.py [--requests 640] [--concurrency 32] [--soak-s 60]
+    python benchmarks/serve_load.py [--model mae-demo] [--requests 2000] [--concurrency 32] [--soak-s 60]
 
-(a) /classify with adaptive batching, (b) the same service started with SOUNDLINE_BATCHING=0
-(each request calls the model itself, one clip per forward), (c) the model's batched forward
-alone (features precomputed, batches of 32), in serve.workers processes of serve.torch_threads
-threads as the service runs it: the ceiling. Then a soak at the same concurrency: errors and
-the server process tree's RSS growth. Every request is a 1 s, 16 kHz, 16-bit speech-like clip.
+(a) POST /raw/classify (the clip as the request body) with adaptive batching, and the same
+load on the multipart /classify; (b) the same service started with SOUNDLINE_BATCHING=0 (each
+request calls features + model itself, one clip per call); (c) the service's batched call alone
+(features + forward of 32 fixed-length waves), in serve.workers processes of serve.torch_threads
+threads as the service runs it: the ceiling. Then a soak of (a): errors and the server process
+tree's RSS growth. Every request is a 1 s, 16 kHz, 16-bit speech-like clip; the load client
+runs on the same cores as the server.
 
-The model (``--model``) defaults to the MAE-ViT ``tiny`` preset with random weights (timing
-does not depend on the weights): on a CPU a transformer is where batching pays (12 ms per clip
-alone, 4 ms in batches of 32), while the default CNN costs the same per clip either way.
-``--model trained`` serves models/train, ``--model cnn`` the CNN of params.yaml. The model is
-imported into a temporary BentoML home and served from source (serving.service:Soundline).
-Writes benchmarks/results/serve_load.json; the last line printed is batched_over_unbatched=X.
+``--model`` (random weights: timing does not depend on them): ``mae-demo`` (default), the
+MAE-ViT preset the pipeline trains (train.model.mae_preset); ``mae-<preset>`` another preset;
+``cnn``, the CNN of params.yaml; ``trained``, models/train. The model is imported into a
+temporary BentoML home and served from source (serving.service:Soundline).
+Writes benchmarks/results/serve_load[_<model>].json; the last line is batched_over_unbatched=X.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import audio  # noqa: E402
-from pipeline.evaluation import ExportedModel  # noqa: E402
-from pipeline.features import FeatureParams, log_mel_batch  # noqa: E402
+from pipeline.evaluation import ExportedModel, fastest_batch_size  # noqa: E402
+from pipeline.features import FeatureParams, fit_length, log_mel_batch  # noqa: E402
 
 
 def clip(seed: int) -> bytes:
@@ -133,8 +134,10 @@ class Server:
 
 
 async def load(url: str, clips: list[bytes], concurrency: int, requests: int | None = None,
-               duration_s: float | None = None) -> dict:
-    """Closed loop: ``concurrency`` workers post /classify until ``requests`` are sent or time is up.
+               duration_s: float | None = None, raw: bool = True) -> dict:
+    """Closed loop: ``concurrency`` workers post a clip until ``requests`` are sent or time is up.
+
+    ``raw``: to /raw/classify as the body; else to /classify as a multipart form.
 
     aiohttp rather than httpx: the client shares the 2 cores with the server, and aiohttp
     spends a fraction of httpx's CPU time per request.
@@ -147,12 +150,17 @@ async def load(url: str, clips: list[bytes], concurrency: int, requests: int | N
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal sent
         while (requests is None or sent < requests) and time.perf_counter() < stop_at:
-            form = aiohttp.FormData()
-            form.add_field("audio", clips[sent % len(clips)], filename="clip.wav", content_type="audio/wav")
+            if raw:
+                post = session.post(f"{url}/raw/classify?name=clip.wav", data=clips[sent % len(clips)],
+                                    headers={"Content-Type": "audio/wav"})
+            else:
+                form = aiohttp.FormData()
+                form.add_field("audio", clips[sent % len(clips)], filename="clip.wav", content_type="audio/wav")
+                post = session.post(f"{url}/classify", data=form)
             sent += 1
             t0 = time.perf_counter()
             try:
-                async with session.post(f"{url}/classify", data=form) as r:
+                async with post as r:
                     await r.read()
                     key = None if r.status == 200 else str(r.status)
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:
@@ -182,6 +190,8 @@ def serve_run(env: dict, log: Path, clips: list[bytes], args: argparse.Namespace
         asyncio.run(load(server.url, clips, args.concurrency, requests=4 * args.concurrency))  # warm-up
         result = asyncio.run(load(server.url, clips, args.concurrency, requests=args.requests))
         if soak:
+            result["multipart"] = asyncio.run(load(server.url, clips, args.concurrency,
+                                                   requests=args.requests, raw=False))
             rss0 = server.rss_mb()
             s = asyncio.run(load(server.url, clips, args.concurrency, duration_s=args.soak_s))
             rss1 = server.rss_mb()
@@ -200,19 +210,23 @@ def _forward_loop(task: tuple[Path, list[bytes], int, int, float]) -> int:
     torch.set_num_threads(threads)
     model = ExportedModel.load(folder)
     fp = FeatureParams.model_validate(model.info["features"])
-    waves = [audio.load(c, fp.sample_rate) for c in clips]
-    feats, _ = log_mel_batch([waves[i % len(waves)] for i in range(batch)], fp)
-    model.class_probabilities(feats, np.arange(batch), batch_size=batch)  # warm-up
+    waves = np.stack([fit_length(audio.load(clips[i % len(clips)], fp.sample_rate), fp) for i in range(batch)])
+    chunk = batch
+
+    def call(w: np.ndarray) -> np.ndarray:  # what the service's batcher calls: features, then the forward
+        return model.class_probabilities(log_mel_batch(w, fp)[0], np.arange(len(w)), batch_size=chunk)
+
+    chunk = fastest_batch_size(call, fp.clip_samples, batch)  # as the service picks its chunk
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        model.class_probabilities(feats, np.arange(batch), batch_size=batch)
+        call(waves)
         n += batch
     return n
 
 
 def raw_forward(folder: Path, clips: list[bytes], batch: int, seconds: float = 10.0) -> dict:
-    """The ceiling: batched forwards alone, laid out as the service runs them (serve.workers
-    processes of serve.torch_threads threads each), features precomputed."""
+    """The ceiling: the batched call alone (features + forward of decoded waves), laid out as the
+    service runs it (serve.workers processes of serve.torch_threads threads each)."""
     from concurrent.futures import ProcessPoolExecutor
 
     import yaml
@@ -227,13 +241,15 @@ def raw_forward(folder: Path, clips: list[bytes], batch: int, seconds: float = 1
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=640)
+    parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--soak-s", type=float, default=60.0)
-    parser.add_argument("--model", default="mae-tiny",
-                        help="trained (models/train) | cnn | mae-<preset> (random weights)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/serve_load.json")
+    parser.add_argument("--model", default="mae-demo",
+                        help="mae-<preset> | cnn (random weights) | trained (models/train)")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/serve_load[_<model>].json")
     args = parser.parse_args()
+    suffix = "" if args.model == "mae-demo" else f"_{args.model}"
+    args.out = args.out or REPO / f"benchmarks/results/serve_load{suffix}.json"
     tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
     try:
         os.environ.update(BENTOML_HOME=str(tmp / "bentoml"), BENTOML_DO_NOT_TRACK="True")
@@ -254,6 +270,7 @@ def main() -> None:
     ratio = batched["rps"] / unbatched["rps"]
     result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "clip": "1 s, 16 kHz, PCM_16", "concurrency": args.concurrency, "model": args.model,
+              "route": "/raw/classify (batched.multipart: /classify)",
               "batched": batched, "unbatched": unbatched, "raw_forward": raw,
               "batched_over_unbatched": round(ratio, 2),
               "batched_over_raw": round(batched["rps"] / raw["clips_per_s"], 3),

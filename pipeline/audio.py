@@ -115,20 +115,25 @@ def _info(f: sf.SoundFile) -> AudioInfo:
                      subtype=f.subtype, bit_depth=_BIT_DEPTH.get(f.subtype, 0))
 
 
-def decode(source: Source, name: str | None = None) -> tuple[np.ndarray, AudioInfo]:
+def decode(source: Source, name: str | None = None,
+           max_duration_s: float | None = None) -> tuple[np.ndarray, AudioInfo]:
     """Decode every sample of ``source``.
 
+    ``max_duration_s`` rejects over-long input from its header, before decoding it, so a
+    one-hour upload costs a header read, not a full decode.
     Returns:
         samples: float32 array (frames, channels), full-scale ±1 for integer formats.
         info: the header facts.
     Raises:
-        AudioError: empty, unreadable, truncated, zero-length or non-finite audio.
+        AudioError: empty, unreadable, truncated, too long, zero-length or non-finite audio.
     """
     label = _name(source, name)
     data = _raw_bytes(source, label)
     _check_riff(data, label)
     with _open(data, label) as f:
         info = _info(f)
+        if max_duration_s is not None and info.duration_s > max_duration_s:
+            raise AudioError(label, f"too long: {info.duration_s:.1f} s > limit {max_duration_s:g} s")
         try:
             samples = f.read(dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError) as err:
@@ -159,17 +164,8 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
 
 def load(source: Source, sample_rate: int, name: str | None = None,
          max_duration_s: float | None = None) -> np.ndarray:
-    """Decode, downmix and resample to a mono float32 wave at ``sample_rate``.
-
-    ``max_duration_s`` rejects over-long input before decoding it, so a one-hour upload
-    costs a header read, not a full decode.
-    """
-    label = _name(source, name)
-    if max_duration_s is not None:
-        info = probe(source, label)
-        if info.duration_s > max_duration_s:
-            raise AudioError(label, f"too long: {info.duration_s:.1f} s > limit {max_duration_s:g} s")
-    samples, info = decode(source, label)
+    """Decode (see :func:`decode`), downmix and resample to a mono float32 wave at ``sample_rate``."""
+    samples, info = decode(source, name, max_duration_s)
     return resample(to_mono(samples), info.sample_rate, sample_rate).astype(np.float32, copy=False)
 
 

@@ -106,7 +106,12 @@ def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Itera
         _stop(process)
 
 
-def _post(served: dict, data: bytes, endpoint: str = "classify", name: str = "clip.wav") -> httpx.Response:
+def _post(served: dict, data: bytes, endpoint: str = "classify", name: str = "clip.wav",
+          raw: bool = False) -> httpx.Response:
+    """A multipart upload to /<endpoint>, or (raw) the file as the body of /raw/<endpoint>."""
+    if raw:
+        return served["client"].post(f"/raw/{endpoint}", params={"name": name}, content=data,
+                                     headers={"content-type": "audio/wav"})
     return served["client"].post(f"/{endpoint}", files={"audio": (name, data, "audio/wav")})
 
 
@@ -142,6 +147,24 @@ def test_classify_matches_the_pipeline_features_and_evaluation(served: dict) -> 
         body = _assert_ok(_post(served, path.read_bytes(), name=path.name), served)
         np.testing.assert_allclose([body["probabilities"][c] for c in model.classes], probs, atol=1e-5, rtol=0)
         assert body["label"] == model.classes[int(np.argmax(probs))]
+
+
+def test_raw_body_route_answers_as_the_multipart_one(served: dict) -> None:
+    for path in served["recordings"][:3]:
+        form = _assert_ok(_post(served, path.read_bytes(), name=path.name), served)
+        raw = _assert_ok(_post(served, path.read_bytes(), name=path.name, raw=True), served)
+        assert raw["file"] == path.name and raw["label"] == form["label"]
+        np.testing.assert_allclose(list(raw["probabilities"].values()), list(form["probabilities"].values()),
+                                   atol=1e-6, rtol=0)
+    unnamed = served["client"].post("/raw/classify", content=served["recordings"][0].read_bytes())
+    assert _assert_ok(unnamed, served)["file"] == "upload"
+    assert 'endpoint="/raw/classify"' in served["client"].get("/metrics").text  # BentoML's request metrics
+
+
+def test_raw_chunked_upload_over_the_limit_is_a_413(served: dict) -> None:
+    chunks = (b"\0" * 2**20 for _ in range(11))  # no Content-Length: counted while it arrives
+    resp = served["client"].post("/raw/classify", content=chunks)
+    assert resp.status_code == 413 and "exceeds the limit" in resp.json()["error"]
 
 
 def test_batch_embed_and_group_verdict(served: dict) -> None:
@@ -187,10 +210,11 @@ BAD = {  # name: (payload, status, words in the message)
 }
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["multipart", "raw-body"])
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_rejected_with_its_problem_and_service_survives(served: dict, case: str) -> None:
+def test_bad_input_is_rejected_with_its_problem_and_service_survives(served: dict, case: str, raw: bool) -> None:
     make, status, words = BAD[case]
-    resp = _post(served, make(), name="upload.wav")
+    resp = _post(served, make(), name="upload.wav", raw=raw)
     assert resp.status_code == status, resp.text
     assert words in resp.json()["error"] and words in resp.json()["problem"]
     if status == 422:  # the message names the client's file, not the server's temporary copy

@@ -169,10 +169,10 @@ def test_zero_length_wav() -> None:
 def test_max_duration_rejects_long_files_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     data = wav_bytes(np.zeros(3 * SR, np.float32))  # 3 s
 
-    def no_decode(*args, **kwargs):
-        raise AssertionError("decode() must not run for an over-long file")
+    def no_read(*args, **kwargs):
+        raise AssertionError("no sample may be read for an over-long file")
 
-    monkeypatch.setattr(audio, "decode", no_decode)
+    monkeypatch.setattr(audio.sf.SoundFile, "read", no_read)
     with pytest.raises(AudioError, match=r"long\.wav: too long: 3\.0 s > limit 2 s"):
         audio.load(data, SR, name="long.wav", max_duration_s=2.0)
 

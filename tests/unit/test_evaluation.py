@@ -336,3 +336,18 @@ def test_all_filtered_group_gets_the_configured_class(tmp_path: Path, tracking_d
     assert metrics["files"]["confusion_matrix"] == ([[3, 0], [2, 0]] if other == "bad" else [[0, 3], [0, 2]])
     assert json.loads(out["metrics"].read_text())["counts"]["all_filtered_groups"] == 1
     assert json.loads(out["run_id"].read_text())["stage"] == "evaluate"
+
+
+def test_fastest_batch_size_picks_the_cheapest_per_clip() -> None:
+    import time as _time
+
+    from pipeline.evaluation import fastest_batch_size
+
+    seen: list[tuple[int, int]] = []
+
+    def call(waves: np.ndarray) -> None:  # 2 ms per clip, except 1 ms per clip in batches of 4
+        seen.append(waves.shape)
+        _time.sleep(len(waves) * (0.001 if len(waves) == 4 else 0.002))
+
+    assert fastest_batch_size(call, 10, limit=20) == 4
+    assert {n for n, _ in seen} == {1, 2, 4, 8, 16} and {s for _, s in seen} == {10}

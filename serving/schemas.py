@@ -1,0 +1,60 @@
+"""The service's parameters (``params.yaml`` ``serve:``) and its typed responses.
+
+Typed (pydantic) responses document the API in BentoML's OpenAPI page and spare BentoML from
+building a JSON schema per response.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from pipeline.config import Section
+
+
+class ServeParams(Section):
+    max_batch_size: int = Field(32, ge=1)  # clips per model call
+    max_latency_ms: int = Field(2000, gt=0)  # a clip that would wait longer is shed: 503
+    torch_threads: int = Field(1, ge=1)  # per model call; the event loop and decoding need a core too
+    workers: int = Field(1, ge=1)  # server processes, each with its own model copy and batcher
+    access_log: bool = False  # a log line per request costs ~1 ms of the event loop; /metrics counts them
+    # 0: tracing off, and every URL excluded from BentoML's OpenTelemetry middleware, whose
+    # no-op spans alone cost ~15% of a request's CPU. > 0 also needs an exporter in BentoML's config.
+    tracing_sample_rate: float = Field(0.0, ge=0, le=1)
+    max_upload_mb: float = Field(10.0, gt=0)
+    max_duration_s: float = Field(30.0, gt=0)
+
+
+class Served(BaseModel):
+    """Which registered model answered: every response carries it."""
+
+    model: str
+    version: str | None
+    alias: str | None
+    bento_model: str
+
+
+class Prediction(Served):
+    file: str
+    label: str
+    probabilities: dict[str, float]  # over the model's classes
+
+
+class Predictions(BaseModel):
+    predictions: list[Prediction]
+
+
+class Verdict(Served):
+    group: str
+    label: str  # majority vote over the group's files, as the evaluate stage votes
+    votes: str  # "class:count,..."
+    n_files: int
+    files: list[Prediction]
+
+
+class Embedding(Served):
+    embedding: list[float]
+    dim: int
+
+
+class Features(Served):
+    features: list[list[float]]  # (n_mels, frames)
+    shape: list[int]
