@@ -128,3 +128,10 @@ def test_later_stage_sections_validate(section: str) -> None:
     model = getattr(module, model_name)
     assert issubclass(model, Section)
     load_section(section, model, REPO_PARAMS)  # raises ParamsError naming section.key on a problem
+
+
+def test_repo_serve_section_validates() -> None:
+    from serving.schemas import ServeParams  # the service's section lives beside the service
+
+    loaded = load_section("serve", ServeParams, REPO_PARAMS)
+    assert set(yaml.safe_load(REPO_PARAMS.read_text())["serve"]) <= set(type(loaded).model_fields)
