@@ -211,15 +211,14 @@ def _forward_loop(task: tuple[Path, list[bytes], int, int, float]) -> int:
     model = ExportedModel.load(folder)
     fp = FeatureParams.model_validate(model.info["features"])
     waves = np.stack([fit_length(audio.load(clips[i % len(clips)], fp.sample_rate), fp) for i in range(batch)])
-    chunk = batch
 
-    def call(w: np.ndarray) -> np.ndarray:  # what the service's batcher calls: features, then the forward
+    def call(w: np.ndarray, chunk: int) -> np.ndarray:  # as the service's batcher: features, then forwards
         return model.class_probabilities(log_mel_batch(w, fp)[0], np.arange(len(w)), batch_size=chunk)
 
-    chunk = fastest_batch_size(call, fp.clip_samples, batch)  # as the service picks its chunk
+    chunk = fastest_batch_size(lambda w: call(w, len(w)), fp.clip_samples, batch)  # as the service picks it
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        call(waves)
+        call(waves, chunk)
         n += batch
     return n
 

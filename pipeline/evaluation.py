@@ -113,20 +113,26 @@ def psnr(mse: np.ndarray, peak: float) -> np.ndarray:
     return 10.0 * np.log10(peak ** 2 / np.maximum(mse, 1e-12))
 
 
-def fastest_batch_size(call: Callable[[np.ndarray], object], clip_samples: int, limit: int) -> int:
+def fastest_batch_size(call: Callable[[np.ndarray], object], clip_samples: int, limit: int,
+                       budget_s: float = 3.0) -> int:
     """The batch size (a power of two <= ``limit``) at which ``call(waves)`` costs least per clip.
 
     ``call`` takes (n, clip_samples) waves; it is timed on zeros, over the same number of clips
-    for every size. The answer depends on the model and the CPU: on 2 cores the MAE-ViT presets
-    cost least per clip at the largest batch, while the CNN ran 30-60% slower per clip at 32
-    than at 2-8 (its activations fall out of cache).
+    for every size, smallest first; sizes left when ``budget_s`` is spent are not tried (a large
+    model would otherwise take minutes to start, and gains little from batching anyway). The
+    answer depends on the model and the CPU: on 2 cores the MAE-ViT presets cost least per clip
+    at the largest batch, while the CNN ran 30-60% slower per clip at 32 than at 2-8 (its
+    activations fall out of cache).
     """
     sizes = [2 ** i for i in range(limit.bit_length())]
     waves = np.zeros((sizes[-1], clip_samples), np.float32)
-    per_clip = {}
+    per_clip: dict[int, float] = {}
+    deadline = time.perf_counter() + budget_s
     for n in sizes:
+        if per_clip and time.perf_counter() > deadline:
+            break
         call(waves[:n])  # the first call of a shape builds its kernels
-        repeats = max(2, 2 * sizes[-1] // n)
+        repeats = max(2, sizes[-1] // n)
         t0 = time.perf_counter()
         for _ in range(repeats):
             call(waves[:n])

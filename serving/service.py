@@ -141,8 +141,8 @@ class Soundline:
         # Clips per forward within one batcher call: timed, not guessed. Fewer distinct batch
         # shapes also keep oneDNN's per-shape kernel cache small (the CNN's RSS grew 20% in a
         # 60 s soak with forwards of every size 1..32, under 1% with its tuned chunk).
-        self.chunk = SERVE.max_batch_size  # one forward per call while the sizes are timed
-        self.chunk = fastest_batch_size(self._forward, self.features_params.clip_samples, SERVE.max_batch_size)
+        self.chunk = fastest_batch_size(lambda waves: self._scores(waves, len(waves)),
+                                        self.features_params.clip_samples, SERVE.max_batch_size)
         logging.getLogger("bentoml.soundline").info("model forward in chunks of %d clips", self.chunk)
         # The imports (torch, pandas, BentoML) leave ~10^6 long-lived objects; freezing them keeps
         # full collections from rescanning them (~170 ms each, a stall of every request in flight).
@@ -183,9 +183,13 @@ class Soundline:
             return JSONResponse({"error": f"model overloaded: queued over {SERVE.max_latency_ms} ms, "
                                           "retry later", "problem": "overloaded"}, status_code=503)
 
-    def _forward(self, waves: np.ndarray) -> np.ndarray:
+    def _scores(self, waves: np.ndarray, chunk: int) -> np.ndarray:
+        """(n, K) probabilities of (n, clip_samples) waves: features, then forwards of ``chunk`` clips."""
         feats = log_mel_batch(waves, self.features_params)[0]
-        return self.model.class_probabilities(feats, np.arange(len(feats)), batch_size=self.chunk)
+        return self.model.class_probabilities(feats, np.arange(len(feats)), batch_size=chunk)
+
+    def _forward(self, waves: np.ndarray) -> np.ndarray:
+        return self._scores(waves, self.chunk)
 
     def _forward_batch(self, jobs: tuple[np.ndarray, ...]) -> list[np.ndarray]:
         """One features + model call for the queued requests' (n_i, clip_samples) waves; split back."""

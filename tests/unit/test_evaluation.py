@@ -351,3 +351,11 @@ def test_fastest_batch_size_picks_the_cheapest_per_clip() -> None:
 
     assert fastest_batch_size(call, 10, limit=20) == 4
     assert {n for n, _ in seen} == {1, 2, 4, 8, 16} and {s for _, s in seen} == {10}
+
+
+def test_fastest_batch_size_stops_trying_sizes_when_the_budget_is_spent() -> None:
+    from pipeline.evaluation import fastest_batch_size
+
+    tried: list[int] = []
+    assert fastest_batch_size(lambda waves: tried.append(len(waves)), 10, limit=32, budget_s=0.0) == 1
+    assert set(tried) == {1}
