@@ -6,8 +6,10 @@
 load on the multipart /classify; (b) the same service started with SOUNDLINE_BATCHING=0 (each
 request calls features + model itself, one clip per call); (c) the service's batched call alone
 (features + forward of 32 fixed-length waves), in serve.workers processes of serve.torch_threads
-threads as the service runs it: the ceiling. Then a soak of (a): errors and the server process
-tree's RSS growth. Every request is a 1 s, 16 kHz, 16-bit speech-like clip; the load client
+threads as the service runs it: the ceiling; and (d) that call on one clip at a time. c/d is the
+model's own batching gain: a/b can exceed it only by what batching saves outside the model, so
+where c/d < 3 the a/b goal is out of reach for that model on these cores. Then a soak of (a):
+errors and the server process tree's RSS growth. Every request is a 1 s, 16 kHz, 16-bit speech-like clip; the load client
 runs on the same cores as the server.
 
 ``--model`` (random weights: timing does not depend on them): ``mae-demo`` (default), the
@@ -224,8 +226,9 @@ def _forward_loop(task: tuple[Path, list[bytes], int, int, float]) -> int:
 
 
 def raw_forward(folder: Path, clips: list[bytes], batch: int, seconds: float = 10.0) -> dict:
-    """The ceiling: the batched call alone (features + forward of decoded waves), laid out as the
-    service runs it (serve.workers processes of serve.torch_threads threads each)."""
+    """The service's model call alone (features + forward of ``batch`` decoded waves per call),
+    laid out as the service runs it (serve.workers processes of serve.torch_threads threads each).
+    ``batch`` = concurrency: the ceiling of (a); 1: the model unbatched."""
     from concurrent.futures import ProcessPoolExecutor
 
     import yaml
@@ -264,13 +267,16 @@ def main() -> None:
         print("unbatched", json.dumps(unbatched), flush=True)
         raw = raw_forward(folder, clips, args.concurrency)
         print("raw", json.dumps(raw), flush=True)
+        raw_single = raw_forward(folder, clips, 1)
+        print("raw one clip per call", json.dumps(raw_single), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = batched["rps"] / unbatched["rps"]
     result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "clip": "1 s, 16 kHz, PCM_16", "concurrency": args.concurrency, "model": args.model,
               "route": "/raw/classify (batched.multipart: /classify)",
-              "batched": batched, "unbatched": unbatched, "raw_forward": raw,
+              "batched": batched, "unbatched": unbatched, "raw_forward": raw, "raw_forward_one_clip": raw_single,
+              "model_batching_gain": round(raw["clips_per_s"] / raw_single["clips_per_s"], 2),
               "batched_over_unbatched": round(ratio, 2),
               "batched_over_raw": round(batched["rps"] / raw["clips_per_s"], 3),
               "goals": {"batched_over_unbatched>=3": ratio >= 3,

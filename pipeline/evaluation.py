@@ -20,7 +20,7 @@ from sklearn import metrics as skm
 from torch import nn
 
 from pipeline.stats import bootstrap_ci
-from pipeline.training.inference import embeddings, probabilities
+from pipeline.training.inference import embeddings, prepare_for_inference, probabilities
 from pipeline.training.networks import build_network
 
 SIMILARITY_TEMPERATURE = 10.0  # triplet models: softmax(cosine similarity × T) over class centroids
@@ -43,11 +43,15 @@ class ExportedModel:
         return self.info["binary"]
 
     @classmethod
-    def load(cls, folder: Path) -> ExportedModel:
+    def load(cls, folder: Path, inference: bool = True) -> ExportedModel:
+        """``inference``: fold BatchNorm and go channels-last (faster, same outputs); False keeps
+        the network as trained (BatchNorm layers intact), e.g. to log it for fine-tuning."""
         info = json.loads((folder / "model.json").read_text())
         network = build_network(info["spec"])
         network.load_state_dict(load_file(str(folder / "model.safetensors")))
         network.eval()
+        if inference:
+            prepare_for_inference(network)
         cents = folder / "centroids.safetensors"
         return cls(network, info, load_file(str(cents))["centroids"] if cents.exists() else None)
 

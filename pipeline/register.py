@@ -102,7 +102,7 @@ def run(model_dir: Path, predictions_csv: Path, train_metrics: Path, features_di
     if train.get("partial"):
         raise ValueError(f"{train_metrics}: training was partial (fast_dev_run, overfit or a subset "
                          "of folds); refusing to register it")
-    model = ExportedModel.load(model_dir)
+    model = ExportedModel.load(model_dir, inference=False)  # logged as trained, BatchNorm intact
     example = np.asarray(np.load(features_dir / "features.npy", mmap_mode="r")[:2], dtype=np.float32)[:, None]
     tags = provenance(data_dvc, params_file)
     with tracking.stage_run("register", p, tags=tags) as stage:

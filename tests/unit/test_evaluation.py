@@ -181,6 +181,34 @@ def test_multiclass_cnn_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 
+def test_exported_cnn_folds_batchnorm_with_trained_statistics(tmp_path: Path) -> None:
+    """Loading folds each BatchNorm into its conv; with non-trivial running statistics and
+    affine parameters (as after training, unlike a fresh init) the outputs stay the same."""
+    network, spec = cnn_classifier(num_outputs=3)
+    gen = torch.Generator().manual_seed(5)
+    for bn in [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]:
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen))
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) * 3 + 0.1)
+        bn.weight.data.copy_(torch.randn(bn.num_features, generator=gen))
+        bn.bias.data.copy_(torch.randn(bn.num_features, generator=gen))
+    folder = write_model(tmp_path / "model", network, spec, classes=["a", "b", "c"], mode="classifier")
+    features = random_features(6)
+
+    model = ExportedModel.load(folder)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.network.modules())
+    convs = [m for m in model.network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    network.eval()
+    with torch.no_grad():
+        expected = network(torch.from_numpy(features)[:, None]).softmax(-1).numpy()
+    np.testing.assert_allclose(model.class_probabilities(features, np.arange(6), batch_size=4), expected, atol=1e-5)
+    with torch.no_grad():  # embeddings (the service's /embed) too
+        np.testing.assert_allclose(model.network.embed(torch.from_numpy(features)[:, None]).numpy(),
+                                   network.embed(torch.from_numpy(features)[:, None]).numpy(), rtol=1e-4, atol=1e-4)
+    as_trained = ExportedModel.load(folder, inference=False).network  # what register logs to MLflow
+    assert sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in as_trained.modules()) == 3
+
+
 def test_triplet_model_classifies_by_nearest_centroid(tmp_path: Path) -> None:
     spec = make_spec(ModelParams(arch="cnn"), N_MELS, FRAMES, "embedder", 1)
     torch.manual_seed(1)
