@@ -9,8 +9,8 @@ request calls features + model itself, one clip per call); (c) the service's bat
 threads as the service runs it: the ceiling; and (d) that call on one clip at a time. c/d is the
 model's own batching gain: a/b can exceed it only by what batching saves outside the model, so
 where c/d < 3 the a/b goal is out of reach for that model on these cores. Then a soak of (a):
-errors and the server process tree's RSS growth. Every request is a 1 s, 16 kHz, 16-bit speech-like clip; the load client
-runs on the same cores as the server.
+errors and the server process tree's RSS growth. Every request is a 1 s, 16 kHz, 16-bit
+speech-like clip; the load client runs on the same cores as the server.
 
 ``--model`` (random weights: timing does not depend on them): ``mae-demo`` (default), the
 MAE-ViT preset the pipeline trains (train.model.mae_preset); ``mae-<preset>`` another preset;

@@ -16,7 +16,7 @@ def prepare_for_inference(network: nn.Module) -> nn.Module:
 
     Why: on CPU, oneDNN runs channels-last convolutions without a layout reorder per call, and a
     folded BatchNorm is one op less per block: the default CNN scores clips 2-3x faster, and the
-    outputs agree with the unfolded network to ~1e-7. For exported (frozen) networks only: the
+    outputs agree with the unfolded network to float32 rounding. For exported (frozen) networks: the
     BatchNorm layers become ``nn.Identity``. Modifies ``network`` in place and returns it.
     """
     network.eval()
