@@ -124,8 +124,8 @@ def fastest_batch_size(call: Callable[[np.ndarray], object], clip_samples: int, 
     ``call`` takes (n, clip_samples) waves; it is timed on zeros, over the same number of clips
     for every size, smallest first; sizes left when ``budget_s`` is spent are not tried (a large
     model would otherwise take minutes to start, and gains little from batching anyway). The
-    answer depends on the model and the CPU: on 2 cores the MAE-ViT presets cost least per clip
-    at the largest batch, while the CNN ran 30-60% slower per clip at 32 than at 2-8 (its
+    answer depends on the model and the CPU: on 2 cores the demo MAE-ViT costs least per clip at
+    32, MAE tiny and the CNN at 8-16; the CNN ran ~50% slower per clip at 32 than at 8 (its
     activations fall out of cache).
     """
     sizes = [2 ** i for i in range(limit.bit_length())]

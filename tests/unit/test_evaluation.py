@@ -7,6 +7,7 @@ spec from make_spec, model.safetensors, centroids.safetensors for triplet models
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from pipeline.evaluation import (
     SIMILARITY_TEMPERATURE,
     ExportedModel,
     classification_metrics,
+    fastest_batch_size,
     mc_dropout_probabilities,
     psnr,
 )
@@ -367,23 +369,17 @@ def test_all_filtered_group_gets_the_configured_class(tmp_path: Path, tracking_d
 
 
 def test_fastest_batch_size_picks_the_cheapest_per_clip() -> None:
-    import time as _time
-
-    from pipeline.evaluation import fastest_batch_size
-
     seen: list[tuple[int, int]] = []
 
     def call(waves: np.ndarray) -> None:  # 2 ms per clip, except 1 ms per clip in batches of 4
         seen.append(waves.shape)
-        _time.sleep(len(waves) * (0.001 if len(waves) == 4 else 0.002))
+        time.sleep(len(waves) * (0.001 if len(waves) == 4 else 0.002))
 
     assert fastest_batch_size(call, 10, limit=20) == 4
     assert {n for n, _ in seen} == {1, 2, 4, 8, 16} and {s for _, s in seen} == {10}
 
 
 def test_fastest_batch_size_stops_trying_sizes_when_the_budget_is_spent() -> None:
-    from pipeline.evaluation import fastest_batch_size
-
     tried: list[int] = []
     assert fastest_batch_size(lambda waves: tried.append(len(waves)), 10, limit=32, budget_s=0.0) == 1
     assert set(tried) == {1}
