@@ -98,10 +98,10 @@ COPY --from=build /opt/venv /opt/venv
 # The project on top of the venv in a layer of its own: a code change rebuilds this (seconds),
 # not the venv. A checkout mounted at /work still wins (`python -m` puts the working directory
 # first on sys.path), so `dvc repro` always runs the checkout's code; the installed copy serves
-# `python -m pipeline.corpus` and friends without one.
+# `python -m pipeline.data.corpus` and friends without one.
 COPY --from=wheel /wheels/ /tmp/wheels/
 RUN /opt/venv/bin/pip install -q --no-cache-dir --no-deps --no-index /tmp/wheels/*.whl && rm -rf /tmp/wheels \
-    && /opt/venv/bin/python -c "import pipeline.tracking, pipeline.train, pipeline.evaluate, pipeline.package"
+    && /opt/venv/bin/python -c "import pipeline.tracking, pipeline.stages.train, pipeline.stages.evaluate, pipeline.stages.package, serving.service"
 COPY container/soundline-repro /usr/local/bin/soundline-repro
 # HOME is world-writable (mode 1777) and every cache lives under /tmp, so the image also runs
 # as any uid (`docker run --user $(id -u):$(id -g)`), not only as soundline (1000).

@@ -2,19 +2,23 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
+BENTO  ?= models/bento/soundline.bento
+PORT   ?= 3000
 export PATH := $(BIN):$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: install espeak corpus demo repro compare test test-unit bench lock clean container-test
+.PHONY: install espeak corpus demo repro serve compare test test-unit bench lock clean container-test
 
-install: $(VENV)/.installed
-
-$(VENV)/.installed: pyproject.toml requirements.lock
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (soundline needs Python 3.11; set PYTHON=...)"; exit 1; }
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# requirements.lock pins every package (torch is the CPU build, found via pip's find-links).
-	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
-	touch $@
+# The venv is (re)installed when pyproject.toml or requirements.lock change in content (their
+# hash is the stamp), not when a checkout merely touches them.
+INSTALL_STAMP = $(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)
+install:
+	@if [ "$$(cat $(VENV)/.installed 2>/dev/null)" != "$(INSTALL_STAMP)" ]; then \
+	  command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (soundline needs Python 3.11; set PYTHON=...)"; exit 1; }; \
+	  test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	  echo "installing requirements.lock into $(VENV) (torch is the CPU build, found via pip's find-links)"; \
+	  $(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]' && echo "$(INSTALL_STAMP)" > $(VENV)/.installed; \
+	fi
 
 espeak:
 	@command -v espeak-ng >/dev/null || { \
@@ -30,7 +34,7 @@ espeak:
 # An existing data/raw (your own data, or `dvc pull`) is never overwritten.
 corpus: install espeak
 	@if [ -d data/raw ]; then echo "data/raw exists: keeping it"; \
-	 else dvc pull -q data.dvc 2>/dev/null || python -m pipeline.corpus --out data/raw; fi
+	 else dvc pull -q data.dvc 2>/dev/null || python -m pipeline.data.corpus --out data/raw; fi
 	dvc commit -q -f data.dvc  # into the DVC cache (queued experiments check data out from it)
 	dvc status data.dvc
 
@@ -39,6 +43,11 @@ demo: corpus
 
 repro: install
 	dvc repro
+
+# The package stage's Bento archive (a DVC output: `dvc pull` brings it), imported into the local
+# BentoML store when missing, served on 127.0.0.1:$(PORT).
+serve: install
+	python -m serving.serve $(BENTO) --port $(PORT)
 
 # Four variants side by side (dvc exp run --queue), then the paired comparison table.
 # Queued experiments run in temporary workspaces: MLflow must be an absolute URI.

@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from pipeline.contracts import FeatureMeta, FeaturesFolder  # noqa: E402
+
 
 def benchmark_parser(doc: str, *, repeats: int, repeats_help: str) -> argparse.ArgumentParser:
     """A parser (described by the first line of ``doc``) with ``--features`` and ``--repeats``;
@@ -44,8 +46,8 @@ def parse_benchmark_args(parser: argparse.ArgumentParser, argv: list[str] | None
 
 def build_default_features(out: Path) -> Path:
     """The default corpus -> validate_raw -> featurize with the repo's params.yaml, into ``out``."""
-    from pipeline import featurize, validate_raw
-    from pipeline.corpus import build
+    from pipeline.stages import featurize, validate_raw
+    from pipeline.data.corpus import build
 
     raw = out / "raw"
     build(raw)
@@ -61,28 +63,28 @@ def build_default_features(out: Path) -> Path:
 def real_features(arg: Path | None, tmp: Path) -> Path:
     """``arg``, else the repo's data/features, else freshly built default-corpus features."""
     for candidate in (arg, REPO / "data" / "features"):
-        if candidate is not None and (candidate / "features.npy").exists():
+        if candidate is not None and FeaturesFolder(candidate).array_path.exists():
             return candidate
     if arg is not None:
-        raise SystemExit(f"{arg}: no features.npy there")
+        raise SystemExit(f"{arg}: not a features folder (run the featurize stage)")
     print("data/features not found: building the default corpus features in a tmp dir", file=sys.stderr)
     return build_default_features(tmp)
 
 
 @dataclass(frozen=True)
 class Features:
-    """A features folder with its index.parquet and meta.json read."""
+    """A features folder with its index and meta read."""
 
     dir: Path
     index: pd.DataFrame
-    meta: dict[str, Any]
+    meta: FeatureMeta
 
 
 def load_features(arg: Path | None, tmp: Path) -> Features:
     """:func:`real_features` (building into ``tmp`` if needed), its index and its meta."""
     features_dir = real_features(arg, tmp)
-    return Features(features_dir, pd.read_parquet(features_dir / "index.parquet"),
-                    json.loads((features_dir / "meta.json").read_text()))
+    folder = FeaturesFolder(features_dir)
+    return Features(features_dir, folder.index(), folder.meta())
 
 
 def write_result(out: Path, result: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@
 Both run in one process on the same FSDD recordings (8 kHz, read in place from
 ../shared/data/fsdd/recordings) with every parameter from params.yaml ``featurize``:
 
-  ours:    pipeline.featurize.featurize(..., workers=0 (all cores), chunk=featurize.chunk)
+  ours:    pipeline.stages.featurize.featurize(..., workers=0 (all cores), chunk=featurize.chunk)
   librosa: for each file: librosa.load(sr=16000) -> fit_length -> librosa.feature.melspectrogram
            (same n_fft/hop/win/n_mels/fmin/fmax, power=2, center, constant pad)
            -> librosa.power_to_db(ref=1.0, amin=1e-10, top_db) -> the same normalization
@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from pipeline import audio  # noqa: E402
 from pipeline.config import load_section  # noqa: E402
 from pipeline.features import FeatureParams, fit_length, log_mel_batch  # noqa: E402
-from pipeline.featurize import FeaturizeParams, featurize  # noqa: E402
+from pipeline.stages.featurize import FeaturizeParams, featurize  # noqa: E402
 from pipeline.parallel import resolve_workers  # noqa: E402
 
 FSDD = REPO.parent / "shared" / "data" / "fsdd" / "recordings"

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import evaluate, featurize, ingest, train, validate_features, validate_raw
+from pipeline.data import ingest
+from pipeline.stages import evaluate, featurize, train, validate_features, validate_raw
 from pipeline.splits import SplitParams
-from pipeline.training.config import ModelParams, TrainerParams
+from pipeline.models.networks import ModelParams
+from pipeline.training.config import TrainerParams
 
 ROOT = Path(__file__).resolve().parents[1]
 PATTERN = r"(?P<label>\d)_(?P<group>[a-z]+)_\d+\.wav"

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, benchmark_parser, load_features, parse_benchmark_args, write_result  # noqa: E402
 
+from pipeline.contracts import FeaturesFolder  # noqa: E402
 from pipeline.training.config import TrainerParams  # noqa: E402
 from pipeline.training.data import FeatureDataModule, LabelCoder  # noqa: E402
 
@@ -83,13 +84,13 @@ def main(argv: list[str] | None = None) -> None:
         features = load_features(args.features, Path(tmp))
         features_dir, index, meta = features.dir, features.index, features.meta
         train = index[index["split"] == "train"]
-        coder = LabelCoder(meta["classes"], meta["classes"][-1] if len(meta["classes"]) == 2 else None)
+        coder = LabelCoder(meta.classes, meta.classes[-1] if len(meta.classes) == 2 else None)
         rows, targets = train["row"].to_numpy(), coder.encode(train["label"])
 
         loaders: dict[str, DataLoader] = {}
         for name, memory_efficient in (("memmap", True), ("ram", False)):
             p = TrainerParams(batch_size=BATCH_SIZE, num_workers=0, memory_efficient=memory_efficient)
-            loaders[name] = FeatureDataModule(features_dir / "features.npy", coder, train, train, None,
+            loaders[name] = FeatureDataModule(FeaturesFolder(features_dir).array_path, coder, train, train, None,
                                               p).train_dataloader()
         pt_dir = Path(tmp) / "pt"
         pt_dir.mkdir()
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         "memmap_over_pt_files": round(rate["memmap"] / rate["pt"], 2),
         "ram_over_pt_files": round(rate["ram"] / rate["pt"], 2),
         "samples_per_pass": counts["memmap"] // args.passes, "batch_size": BATCH_SIZE, "num_workers": 0,
-        "repeats": args.repeats, "passes_per_measurement": args.passes, "threads": args.threads, "item_shape": [1, *meta["shape"][1:]],
+        "repeats": args.repeats, "passes_per_measurement": args.passes, "threads": args.threads, "item_shape": [1, *meta.shape[1:]],
         "features": str(features_dir),
         "details": {name: [round(s, 4) for s in t] for name, t in times.items()},
     }

@@ -28,7 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.corpus import build  # noqa: E402
+from pipeline.data.corpus import build  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "repro_noop.json"
 DATA_STAGES = ("validate_raw", "featurize", "validate_features")
@@ -92,7 +92,7 @@ def make_project(dest: Path, stages: str) -> int:
             (dest / source).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / source, dest / source)
     build(dest / "data" / "raw", n_speakers=8, digits=5)
-    sh(["dvc", "add", "-q", "data/raw"], dest)  # updates data.dvc, as after `pipeline.ingest`
+    sh(["dvc", "add", "-q", "data/raw"], dest)  # updates data.dvc, as after `pipeline.data.ingest`
     return len(definition["stages"])
 
 

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import audio  # noqa: E402
-from pipeline.evaluation import ExportedModel, fastest_batch_size  # noqa: E402
+from pipeline.models.inference import ExportedModel, fastest_batch_size  # noqa: E402
 from pipeline.features import FeatureParams, fit_length, log_mel_batch  # noqa: E402
 
 
@@ -72,8 +72,8 @@ def model_folder(tmp: Path, model: str) -> Path:
     import yaml
     from safetensors.torch import save_file
 
-    from pipeline.training.config import ModelParams
-    from pipeline.training.networks import build_network, make_spec
+    from pipeline.models.networks import ModelParams
+    from pipeline.models.networks import build_network, make_spec
 
     torch.manual_seed(0)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -211,7 +211,7 @@ def _forward_loop(task: tuple[Path, list[bytes], int, int, float]) -> int:
     folder, clips, batch, threads, seconds = task
     torch.set_num_threads(threads)
     model = ExportedModel.load(folder)
-    fp = FeatureParams.model_validate(model.info["features"])
+    fp = model.info.features
     waves = np.stack([fit_length(audio.load(clips[i % len(clips)], fp.sample_rate), fp) for i in range(batch)])
 
     def call(w: np.ndarray, chunk: int) -> np.ndarray:  # as the service's batcher: features, then forwards
@@ -255,10 +255,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
     try:
         os.environ.update(BENTOML_HOME=str(tmp / "bentoml"), BENTOML_DO_NOT_TRACK="True")
-        from pipeline.package import PackageParams, import_model
+        from pipeline.stages.package import PackageParams, import_model
 
         folder = model_folder(tmp, args.model)
-        tag = import_model(folder, PackageParams(), "bench", "none")
+        tag = import_model(folder, PackageParams(), {"mlflow_model": "bench", "mlflow_version": "none"})
         env = {**os.environ, "SOUNDLINE_MODEL_TAG": tag, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         clips = [clip(i) for i in range(16)]
         batched = serve_run({**env, "SOUNDLINE_BATCHING": "1"}, tmp / "batched.log", clips, args, soak=True)

@@ -15,7 +15,7 @@ with the pipeline's own functions):
     params' lr and weight decay; SpecAugment OFF on both sides;
   * no validation on either side. Lightning: logger=False, no checkpointing, progress bar or
     model summary, num_sanity_val_steps=0, limit_val_batches=0. The module is built by
-    pipeline.train.make_module, so its torchmetrics, per-step logging and warmup hook count.
+    pipeline.stages.train.make_module, so its torchmetrics, per-step logging and warmup hook count.
 
 Interleaved: one Trainer runs warmup + repeats epochs; a callback runs one plain epoch at the
 start of every Lightning epoch, so the order is raw, lightning, raw, lightning, ... A Lightning
@@ -49,10 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, benchmark_parser, load_features, parse_benchmark_args, write_result  # noqa: E402
 
 from pipeline.config import load_section  # noqa: E402
-from pipeline.train import TrainParams, make_module  # noqa: E402
+from pipeline.contracts import FeaturesFolder  # noqa: E402
+from pipeline.stages.train import TrainParams, make_module  # noqa: E402
 from pipeline.training.data import FeatureDataModule, LabelCoder  # noqa: E402
 from pipeline.training.losses import build_loss  # noqa: E402
-from pipeline.training.networks import build_network, make_spec  # noqa: E402
+from pipeline.models.networks import build_network, make_spec  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "train_overhead.json"
 BATCH_SIZE = 32
@@ -106,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="train_overhead_") as tmp:
         features = load_features(args.features, Path(tmp))
         features_dir, index, meta = features.dir, features.index, features.meta
-        _, n_mels, frames = meta["shape"]
+        n_mels, frames = meta.n_mels, meta.frames
         p = stage_params()
-        coder = LabelCoder(meta["classes"], p.positive_class)
+        coder = LabelCoder(meta.classes, p.positive_class)
         spec = make_spec(p.model, n_mels, frames, "classifier", coder.num_outputs)
 
         torch.manual_seed(args.seed)
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         binary = coder.binary
 
         # One loader for both: same dataset, sampler, batch size, collate.
-        loader = FeatureDataModule(features_dir / "features.npy", coder, index, index, None, p.trainer).train_dataloader()
+        loader = FeatureDataModule(FeaturesFolder(features_dir).array_path, coder, index, index, None, p.trainer).train_dataloader()
         batches = len(loader)
 
         def raw_epoch() -> float:

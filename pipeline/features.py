@@ -90,8 +90,8 @@ def _mel_power_centered(padded: torch.Tensor, params: FeatureParams) -> torch.Te
                       win_length=params.win_length, window=_window(params), center=False,
                       return_complex=True).transpose(-2, -1)
     # re² + im² in one fused addcmul skips abs()'s square root and a temporary, and the
-    # frames-major layout makes the projection one long matmul: ~4x faster than
-    # basis @ spec.abs().pow(2) on a CPU.
+    # frames-major layout makes the projection one long matmul: faster on a CPU than
+    # basis @ spec.abs().pow(2) (benchmarks/featurize.py measures the stage).
     power = torch.addcmul(spec.real.square(), spec.imag, spec.imag)  # (B, frames, n_fft // 2 + 1)
     return torch.matmul(power, _mel_basis(params).T).transpose(-2, -1)
 
@@ -139,8 +139,8 @@ def log_mel_batch(waves: list[np.ndarray] | np.ndarray, params: FeatureParams) -
         fit_length(np.asarray(wave, np.float32), params, out=row[half:half + n])
     feats = np.empty((len(waves), params.n_mels, params.frames), np.float32)
     energy = np.empty(len(waves), np.float32)
-    # Blocks of BLOCK clips keep the complex spectrogram (~4 MB) in cache: 1.5x faster than
-    # one large batch. Every step is per clip, so blocking does not change any value.
+    # Blocks of BLOCK clips keep the complex spectrogram in cache: faster than one large batch.
+    # Every step is per clip, so blocking does not change any value.
     with torch.no_grad():
         for start in range(0, len(waves), BLOCK):
             power = _mel_power_centered(torch.from_numpy(batch[start:start + BLOCK]), params)

@@ -1,6 +1,7 @@
 """Atomic file output: a stage that fails leaves the previous output whole, never half-written."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +45,16 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_digest(*paths: Path | str) -> str:
+    """sha256 (hex, 16 characters) of the files' bytes in order: what they hold, not where or when."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with Path(path).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def write_json(path: Path | str, data: Any) -> None:

@@ -282,7 +282,7 @@ def log_pytorch_model(
             signature=infer_signature(signature_example, output),
             input_example=signature_example,
             metadata=dict(metadata or {}),
-            # Inferring requirements imports the model in a subprocess (~12 s); a pt2 graph
+            # Inferring requirements imports the model in a subprocess (seconds); a pt2 graph
             # needs only torch to load, which the flavor's defaults pin.
             pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
         )

@@ -15,9 +15,9 @@ class ServeParams(Section):
     max_latency_ms: int = Field(2000, gt=0)  # a clip that would wait longer is shed: 503
     torch_threads: int = Field(1, ge=1)  # per model call; the event loop and decoding need a core too
     workers: int = Field(1, ge=1)  # server processes, each with its own model copy and batcher
-    access_log: bool = False  # a log line per request costs ~1 ms of the event loop; /metrics counts them
+    access_log: bool = False  # a log line per request costs event-loop time; /metrics counts them
     # 0: tracing off, and every URL excluded from BentoML's OpenTelemetry middleware, whose
-    # no-op spans alone cost ~15% of a request's CPU. > 0 also needs an exporter in BentoML's config.
+    # no-op spans cost CPU on every request. > 0 also needs an exporter in BentoML's config.
     tracing_sample_rate: float = Field(0.0, ge=0, le=1)
     max_upload_mb: float = Field(10.0, gt=0)
     max_duration_s: float = Field(30.0, gt=0)

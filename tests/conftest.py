@@ -53,7 +53,7 @@ SYNTH_BAND = slice(SYNTH_N_MELS // 2, SYNTH_N_MELS // 2 + 4)  # mel bins that ar
 
 def write_synthetic_features(out: Path, n_groups: int = 8, per_group: int = 6, n_folds: int = 3,
                              seed: int = 0, split_seed: int = 0) -> Path:
-    """A features folder as pipeline.featurize writes it: 48 clips, 2 classes, 8 groups.
+    """A features folder as pipeline.stages.featurize writes it: 48 clips, 2 classes, 8 groups.
 
     Every group holds both classes (so every fold does); "bad" clips carry a bright band of
     4 mel bins (``SYNTH_BAND``), which a model can learn. Spectrograms are
@@ -122,7 +122,7 @@ def _require_espeak() -> None:
 def build_reduced_corpus() -> Callable[[Path], Path]:
     """Build the reduced default corpus into a given folder (for determinism checks)."""
     _require_espeak()
-    from pipeline.corpus import build
+    from pipeline.data.corpus import build
 
     def make(out: Path) -> Path:
         build(out, **REDUCED)

@@ -166,8 +166,11 @@ class AudioMAEViT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(
             patches.shape[0], self.in_chans, gh * ph, gw * pw)
 
-    def random_masking(self, x: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
+    def random_masking(self, x: Tensor, mask_ratio: float,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Keep a random int(L * (1 - mask_ratio)) tokens per sample.
+
+        ``generator`` (on x's device) draws the masks; None uses torch's global generator.
 
         x: (B, L, D) -> x_kept (B, L_keep, D), mask (B, L) with 1 = removed, in original patch
         order, and ids_restore (B, L) that un-shuffles kept + mask tokens back to patch order.
@@ -176,7 +179,8 @@ class AudioMAEViT(nn.Module):
         batch, length, dim = x.shape
         len_keep = int(length * (1 - mask_ratio))
         # Sorting uniform noise gives an independent random permutation per sample.
-        ids_shuffle = torch.argsort(torch.rand(batch, length, device=x.device), dim=1)
+        noise = torch.rand(batch, length, device=x.device, generator=generator)
+        ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]
         x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
@@ -197,9 +201,10 @@ class AudioMAEViT(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward_encoder(self, specs: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_encoder(self, specs: Tensor, mask_ratio: float,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(B, C, H, W) -> latent (B, 1 + L_keep, D), mask (B, L), ids_restore (B, L)."""
-        x, mask, ids_restore = self.random_masking(self._tokens(specs), mask_ratio)
+        x, mask, ids_restore = self.random_masking(self._tokens(specs), mask_ratio, generator)
         return self._encode(x), mask, ids_restore
 
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
@@ -238,14 +243,15 @@ class AudioMAEViT(nn.Module):
         return self.per_sample_loss(specs, pred, mask).mean()
 
     def forward(
-        self, specs: Tensor, mask_ratio: float | None = None
+        self, specs: Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(B, C, H, W) -> loss (), pred (B, L, patch_dim), mask (B, L).
 
-        ``mask_ratio`` None uses the ratio the model was built with.
+        ``mask_ratio`` None uses the ratio the model was built with; ``generator`` draws the
+        masks (None: torch's global generator).
         """
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(specs, ratio)
+        latent, mask, ids_restore = self.forward_encoder(specs, ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(specs, pred, mask), pred, mask
 

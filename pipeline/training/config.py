@@ -54,15 +54,3 @@ class SpecAugmentParams(Section):
     time_mask_param: int = Field(16, ge=0)
     num_freq_masks: int = Field(2, ge=0)
     num_time_masks: int = Field(2, ge=0)
-
-
-class ModelParams(Section):
-    """Which network: the CNN, or the MAE ViT by preset, with constructor overrides."""
-
-    arch: Literal["cnn", "mae"] = "cnn"
-    mae_preset: str = "demo"
-    patch_size: int | tuple[int, int] = 16
-    mask_ratio: float = Field(0.8, ge=0, lt=1)
-    norm_pix_loss: bool = False
-    dropout: float = Field(0.3, ge=0, lt=1)
-    overrides: dict[str, Any] = {}  # any other constructor argument of the chosen model

@@ -71,7 +71,7 @@ class FeatureDataModule(L.LightningDataModule):
     """Train/val/test loaders for one fold of the index.
 
     ``train``/``val``/``test`` are index frames (rows already chosen by the caller: fold,
-    filtering, label fraction); ``sample_weights`` oversamples (extend_bad) when given.
+    filtering, label fraction); ``sample_weights`` oversamples (oversample_minority) when given.
     """
 
     def __init__(self, features: Path, coder: LabelCoder, train: pd.DataFrame, val: pd.DataFrame,
@@ -110,7 +110,7 @@ class FeatureDataModule(L.LightningDataModule):
 
 
 def oversampler(targets: np.ndarray, seed: int) -> torch.utils.data.WeightedRandomSampler:
-    """extend_bad: draw each class equally often by sampling minority rows with replacement."""
+    """oversample_minority: draw each class equally often by sampling minority rows with replacement."""
     counts = np.bincount(targets)
     weights = 1.0 / counts[targets]
     generator = torch.Generator().manual_seed(seed)

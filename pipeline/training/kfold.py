@@ -29,14 +29,6 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def data_version(features_dir: Path) -> list:
-    """What identifies a features folder's content: the index rows and the array file's stamp."""
-    index = pd.read_parquet(features_dir / "index.parquet")
-    stat = (features_dir / "features.npy").stat()
-    rows = hashlib.sha256(pd.util.hash_pandas_object(index, index=False).to_numpy().tobytes()).hexdigest()
-    return [rows, stat.st_size, stat.st_mtime_ns]
-
-
 def prepare_workdir(work: Path, key: str) -> None:
     """Keep ``work`` only if it was made for ``key``; otherwise start it afresh."""
     stamp = work / "fingerprint.txt"

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 from torch import Tensor, nn
 
-LOSSES = ("bce", "who", "focal", "asymmetric", "auc")
+LOSSES = ("bce", "weighted_ce", "focal", "asymmetric", "auc")
+LOSS_ALIASES = {"who": "weighted_ce"}  # seed-era names, still accepted
 Weights = Sequence[float] | Tensor
 
 
@@ -87,7 +88,7 @@ class CELoss(nn.Module):
 
 
 class WeightedCELoss(nn.Module):
-    """Class-weighted BCE / cross-entropy; the "who" loss.
+    """Class-weighted BCE / cross-entropy: the "weighted_ce" loss (seed-era name "who").
 
     Reduced as the weighted mean sum(w_i * l_i) / sum(w_i), which is what F.cross_entropy does with
     ``weight``; binary uses the same reduction so both forms scale alike.
@@ -219,24 +220,27 @@ def build_loss(
     """Classification loss by name (one of LOSSES); num_classes=2 means one binary logit.
 
     class_weight: per-class weights, or "balanced" computed from ``labels`` (the training labels,
-    (N,)). "who" requires it, "focal" uses it as alpha, the other losses reject it rather than
-    silently ignore it. kwargs go to the loss class (gamma, gamma_pos, gamma_neg, clip, margin).
+    (N,)). "weighted_ce" (alias "who") requires it, "focal" uses it as alpha, the other losses
+    reject it rather than silently ignore it. kwargs go to the loss class (gamma, gamma_pos,
+    gamma_neg, clip, margin).
     """
+    name = LOSS_ALIASES.get(name, name)
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)} "
+                         f"(aliases: {', '.join(LOSS_ALIASES)})")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if name == "auc" and num_classes > 2:
         raise ValueError(f"the 'auc' loss is binary-only; got num_classes={num_classes}")
     weight = _resolve_weights(class_weight, num_classes, labels)
-    if name == "who":
+    if name == "weighted_ce":
         if weight is None:
-            raise ValueError("loss 'who' needs class_weight (a list of weights or 'balanced')")
+            raise ValueError("loss 'weighted_ce' needs class_weight (a list of weights or 'balanced')")
         return WeightedCELoss(weight, **kwargs)
     if name == "focal":
         return FocalLoss(alpha=weight, **kwargs)
     if weight is not None:
-        raise ValueError(f"loss {name!r} takes no class_weight; only 'who' and 'focal' do")
+        raise ValueError(f"loss {name!r} takes no class_weight; only 'weighted_ce' and 'focal' do")
     return {"bce": CELoss, "asymmetric": AsymmetricLoss, "auc": PairwiseAUCLoss}[name](**kwargs)
 
 

@@ -80,7 +80,7 @@ mkdir -p "$T/prep"
 cp "$REPO/tests/reduced_params.yaml" "$T/prep/"
 cat > "$T/prep/prep.sh" <<'EOF'
 set -eu
-python -m pipeline.corpus --out data/raw --speakers 8 --digits 5
+python -m pipeline.data.corpus --out data/raw --speakers 8 --digits 5
 python - <<'PY'
 import yaml
 reduced = yaml.safe_load(open("/prep/reduced_params.yaml"))

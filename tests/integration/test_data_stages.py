@@ -1,7 +1,7 @@
 """The data stages end to end: corpus and DVC round trips, real recordings, bad data, `dvc repro`.
 
 Everything runs in tmp_path: the repo working tree is never written. The real recordings in
-../shared/data are read in place (subsets are copied into tmp_path by pipeline.ingest).
+../shared/data are read in place (subsets are copied into tmp_path by pipeline.data.ingest).
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ import pytest
 import soundfile as sf
 import yaml
 
-from pipeline import audio, featurize, ingest, validate_features, validate_raw
+from pipeline import audio
+from pipeline.data import ingest
+from pipeline.stages import featurize, validate_features, validate_raw
 from pipeline.config import load_section
 from pipeline.features import FeatureParams, log_mel
 from pipeline.splits import LeakageError, check_leakage
@@ -127,7 +129,7 @@ def test_full_default_corpus_matches_the_committed_data_dvc(tmp_path: Path, repo
     repo = git_dvc_repo(tmp_path / "repo", child_env)
     committed = (repo_root / "data.dvc").read_text()
     (repo / "data.dvc").write_text(committed)
-    sh([sys.executable, "-m", "pipeline.corpus", "--out", "data/raw"], repo, child_env)
+    sh([sys.executable, "-m", "pipeline.data.corpus", "--out", "data/raw"], repo, child_env)
     sh(["dvc", "add", "-q", "data/raw"], repo, child_env)  # rewrites data.dvc with the fresh hash
     assert (repo / "data.dvc").read_text() == committed
     assert json.loads(sh(["dvc", "status", "--json", "data.dvc"], repo, child_env).stdout) == {}

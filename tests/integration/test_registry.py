@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from safetensors.torch import save_file
 
-from pipeline import register, tracking
-from pipeline.training.config import ModelParams
-from pipeline.training.networks import build_network, make_spec
+from pipeline import tracking
+from pipeline.contracts import FeatureMeta, FeaturesFolder, ModelFolder, ModelInfo
+from pipeline.features import FeatureParams
+from pipeline.stages import register
+from pipeline.models.networks import ModelParams, build_network, make_spec
 
 N_MELS, FRAMES = 16, 16
 N_TEST = 20
@@ -96,6 +99,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
                           "energy": np.float32(0.05)})
     index.to_parquet(features / "index.parquet", index=False)
     np.save(features / "features.npy", np.random.default_rng(0).normal(size=(n, N_MELS, FRAMES)).astype(np.float32))
+    feature_params = FeatureParams(n_mels=N_MELS, frames=FRAMES)
+    FeaturesFolder(features).write(index, FeatureMeta(features=feature_params, label_column="quality",
+                                                      shape=(n, N_MELS, FRAMES), classes=["bad", "good"]))
 
     model = root / "model"
     model.mkdir()
@@ -104,10 +110,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     torch.manual_seed(0)
     network = build_network(spec)
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(model / "model.safetensors"))
-    (model / "model.json").write_text(json.dumps({
-        "spec": spec, "mode": "classifier", "classes": ["bad", "good"], "binary": True,
-        "positive_class": "good", "features": {"n_mels": N_MELS, "frames": FRAMES}, "fold": "fold_0",
-        "selection": "best fold by val/loss (min)"}))
+    ModelFolder(model).write_info(ModelInfo(
+        spec=spec, mode="classifier", classes=["bad", "good"], binary=True, positive_class="good",
+        features=feature_params, label_column="quality", fold="fold_0", selection="best fold by val/loss (min)"))
 
     better, worse = root / "better.csv", root / "worse.csv"
     _predictions(index, set()).to_csv(better, index=False)
@@ -123,7 +128,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
 
 @dataclass
 class Registrar:
-    """Runs ``python -m pipeline.register`` (in process) for one model name."""
+    """Runs ``python -m pipeline.stages.register`` (in process) for one model name."""
 
     assets: Assets
     name: str
@@ -154,7 +159,7 @@ class Registrar:
 def registrar(assets: Assets, tmp_path: Path, params_file: Callable[..., Path],
               monkeypatch: pytest.MonkeyPatch) -> Registrar:
     name = f"soundline-reg-{uuid.uuid4().hex[:8]}"
-    params = params_file({"register": {"model_name": name, "bootstrap_resamples": 100}})
+    params = params_file({"register": {"model_name": name, "task_suffix": False, "bootstrap_resamples": 100}})
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"registry-{name}")
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.chdir(assets.work)
@@ -221,6 +226,62 @@ def test_significantly_better_challenger_replaces_the_champion(server: MlflowCli
     assert second["p_value"] == pytest.approx(2 / 2 ** len(WORSE_WRONG))
     assert second["why"] == "challenger is significantly better"
     assert tracking.model_version_tags(registrar.name, "2")["dvc_experiment"] == "cnn-focal"
+
+
+def _other_task(assets: Assets, root: Path) -> tuple[Path, Path]:
+    """The same network and test files, as trained on features with another front end (top_db)."""
+    features, model = root / "features_other", root / "model_other"
+    shutil.copytree(assets.features, features)
+    shutil.copytree(assets.model, model)
+    meta = FeaturesFolder(features).meta()
+    other = meta.features.model_copy(update={"top_db": 60.0})
+    FeaturesFolder(features).write(FeaturesFolder(features).index(), meta.model_copy(update={"features": other}))
+    info = ModelFolder(model).info()
+    ModelFolder(model).write_info(info.model_copy(update={"features": other}))
+    return features, model
+
+
+def test_each_task_gets_its_own_registered_model(server: MlflowClient, registrar: Registrar,
+                                                 params_file: Callable[..., Path], tmp_path: Path) -> None:
+    """Default naming: <model_name>-<label column>-<task id>; another task never meets this champion."""
+    params = params_file({"register": {"model_name": registrar.name, "bootstrap_resamples": 100}})
+    per_task = Registrar(registrar.assets, registrar.name, params, registrar.out)
+    per_task(registrar.assets.worse)
+    first = per_task.records()[-1]
+    assert first["model"].startswith(f"{registrar.name}-quality-") and first["holder_after"] == "1"
+    features, model = _other_task(registrar.assets, tmp_path)
+    other = Registrar(replace(registrar.assets, features=features, model=model), registrar.name, params, registrar.out)
+    other(registrar.assets.better)
+    second = per_task.records()[-1]
+    assert second["model"] != first["model"] and second["model"].startswith(f"{registrar.name}-quality-")
+    assert (second["challenger_version"], second["why"]) == ("1", "no champion yet")
+    assert tracking.get_alias_version(first["model"], "champion") == "1"  # untouched by the other task
+    assert tracking.model_version_tags(first["model"], "1")["task_id"] == first["model"].rsplit("-", 1)[1]
+
+
+def test_a_champion_of_another_task_fails_the_stage_naming_the_setting(
+        server: MlflowClient, registrar: Registrar, tmp_path: Path) -> None:
+    registrar(registrar.assets.worse)  # task_suffix: false, so both tasks would share the name
+    features, model = _other_task(registrar.assets, tmp_path)
+    other = Registrar(replace(registrar.assets, features=features, model=model), registrar.name,
+                      registrar.params, registrar.out)
+    with pytest.raises(SystemExit) as info:
+        other(registrar.assets.better)
+    message = str(info.value.code)
+    assert "trained for another task" in message and "top_db" in message
+    assert "register.task_suffix" in message and "register.model_name" in message
+    assert tracking.get_alias_version(registrar.name, "champion") == "1"
+    assert [v.version for v in server.search_model_versions(f"name='{registrar.name}'")] == ["1"]
+
+
+def test_a_model_not_trained_on_the_features_is_refused(server: MlflowClient, registrar: Registrar,
+                                                        tmp_path: Path) -> None:
+    features, _ = _other_task(registrar.assets, tmp_path)
+    mismatched = Registrar(replace(registrar.assets, features=features), registrar.name,
+                           registrar.params, registrar.out)
+    with pytest.raises(SystemExit, match="was not trained on"):
+        mismatched(registrar.assets.better)
+    assert tracking.get_alias_version(registrar.name, "champion") is None
 
 
 def test_partial_training_is_refused_and_alias_kept(server: MlflowClient, registrar: Registrar) -> None:

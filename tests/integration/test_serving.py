@@ -13,17 +13,18 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from safetensors.torch import save_file
 
 from pipeline import audio
-from pipeline.evaluation import ExportedModel
+from pipeline.models.inference import ExportedModel
+from pipeline.contracts import FeatureMeta, FeaturesFolder, ModelFolder, ModelInfo
 from pipeline.features import FeatureParams, log_mel_batch
-from pipeline.register import RegisterParams
-from pipeline.register import run as register_run
-from pipeline.training.config import ModelParams
-from pipeline.training.networks import build_network, make_spec
+from pipeline.stages.register import RegisterParams
+from pipeline.stages.register import run as register_run
+from pipeline.models.networks import ModelParams, build_network, make_spec
 from tests.conftest import REPO, subprocess_env
 from tests.integration.conftest import _free_port, _stop
 
@@ -42,9 +43,8 @@ def _model_folder(folder: Path) -> Path:
     network = build_network(spec).eval()
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(folder / "model.safetensors"))
-    info = {"spec": spec, "mode": "classifier", "classes": ["bad", "good"], "binary": True,
-            "positive_class": "good", "features": fp.model_dump(mode="json"), "fold": "fold_0"}
-    (folder / "model.json").write_text(json.dumps(info))
+    ModelFolder(folder).write_info(ModelInfo(spec=spec, classes=["bad", "good"], binary=True, positive_class="good",
+                                             features=fp, label_column="quality", fold="fold_0"))
     return folder
 
 
@@ -64,7 +64,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Itera
     # Register it exactly as the register stage does (first version: takes @champion).
     features = root / "features"
     features.mkdir()
-    np.save(features / "features.npy", np.zeros((2, 64, 128), np.float32))
+    fp = ExportedModel.load(model_dir).info.features
+    np.save(features / "features.npy", np.zeros((2, fp.n_mels, fp.frames), np.float32))
+    FeaturesFolder(features).write(pd.DataFrame(), FeatureMeta(features=fp, label_column="quality",
+                                                               shape=(2, fp.n_mels, fp.frames), classes=["bad", "good"]))
     (root / "predictions.csv").write_text("path,label,predicted,correct,kept\n"
                                           + "".join(f"{p.name},good,good,True,True\n" for p in recordings))
     (root / "train.json").write_text("{}")
@@ -80,8 +83,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Itera
     finally:
         mp.undo()
     assert record["move"] and record["holder_after"] == "1"
-    subprocess.run([sys.executable, "-m", "pipeline.package", "--out", str(root / "package.json"),
-                    "--params", str(REPO / "params.yaml")], cwd=root, env=env, check=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "pipeline.stages.package", "--decision", str(root / "register.json"),
+                    "--features", str(features), "--bento", str(root / "soundline.bento"),
+                    "--out", str(root / "package.json"), "--params", str(REPO / "params.yaml")],
+                   cwd=root, env=env, check=True, timeout=600)
     package = json.loads((root / "package.json").read_text())
     port = _free_port()
     log = root / "serve.log"
@@ -118,13 +123,15 @@ def _post(served: dict, data: bytes, endpoint: str = "classify", name: str = "cl
 def _assert_ok(resp: httpx.Response, served: dict) -> dict:
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    assert (body["model"], body["version"], body["alias"]) == ("soundline", "1", "champion")
+    assert (body["model"], body["version"], body["alias"]) == (served["package"]["mlflow_model"], "1", "champion")
     return body
 
 
 def test_package_record_names_the_registered_version(served: dict) -> None:
     package = served["package"]
     assert package["mlflow_version"] == "1" and package["alias"] == "champion"
+    assert package["mlflow_model"].startswith("soundline-quality-")  # one registered model per task
+    assert Path(package["bento_file"]).stat().st_size > 0
     assert package["bento_tag"].startswith("soundline:") and package["bento_model_tag"].startswith("soundline:")
 
 
@@ -138,7 +145,7 @@ def test_health_readiness_and_metrics(served: dict) -> None:
 
 def test_classify_matches_the_pipeline_features_and_evaluation(served: dict) -> None:
     model: ExportedModel = served["model"]
-    params = FeatureParams.model_validate(model.info["features"])
+    params = model.info.features
     for path in served["recordings"][:3]:
         expected, _ = log_mel_batch([audio.load(path, params.sample_rate, name=path.name)], params)
         feats = _assert_ok(_post(served, path.read_bytes(), "features", path.name), served)

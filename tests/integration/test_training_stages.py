@@ -2,7 +2,7 @@
 
 Tracking goes to a SQLite file in tmp_path (and, in one test, to a real ``mlflow server``);
 every stage runs with its working directory in tmp_path, so the repo tree is never written.
-The resume test runs ``python -m pipeline.train`` as a subprocess and SIGKILLs it mid-fold.
+The resume test runs ``python -m pipeline.stages.train`` as a subprocess and SIGKILLs it mid-fold.
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ import yaml
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from pipeline import filter as filter_stage
-from pipeline import pretrain, tracking, train
-from pipeline.training.config import ModelParams
+from pipeline.stages import filter as filter_stage
+from pipeline import tracking
+from pipeline.stages import pretrain, train
+from pipeline.models.networks import ModelParams
 from pipeline.training.data import LabelCoder
-from pipeline.training.networks import backbone_of, build_network, make_spec
+from pipeline.models.networks import backbone_of, build_network, make_spec
 
 from tests.conftest import SYNTH_CLASSES as CLASSES
 from tests.conftest import SYNTH_FRAMES as FRAMES
@@ -361,7 +362,7 @@ def test_killed_train_stage_resumes(tmp_path: Path) -> None:
     # Long enough that fold_1 is mid-training when we kill; patience so high it never stops early.
     write_stage_params(p.params, {"train": {"folds": [0, 1],
                                             "trainer": {"max_epochs": 30, "patience": 100, "save_top_k": 1}}})
-    cmd = [sys.executable, "-m", "pipeline.train", *train_args(p)]
+    cmd = [sys.executable, "-m", "pipeline.stages.train", *train_args(p)]
     fold0, fold1 = p.train_work / "fold_0", p.train_work / "fold_1"
     log = tmp_path / "first.log"
     with log.open("w") as out:

@@ -11,10 +11,10 @@ from pydantic import BaseModel
 
 import pipeline
 from pipeline.config import ParamsError, Section, load_section
-from pipeline.featurize import FeaturizeParams
+from pipeline.stages.featurize import FeaturizeParams
 from pipeline.features import FeatureParams
-from pipeline.validate_features import FeatureChecks
-from pipeline.validate_raw import RawParams
+from pipeline.stages.validate_features import FeatureChecks
+from pipeline.stages.validate_raw import RawParams
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 

@@ -1,11 +1,11 @@
-"""pipeline.corpus: speaker plan and seeded channel degradations (no espeak-ng needed here)."""
+"""pipeline.data.corpus: speaker plan and seeded channel degradations (no espeak-ng needed here)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import corpus
-from pipeline.corpus import DEGRADATIONS, degrade, speakers
+from pipeline.data import corpus
+from pipeline.data.corpus import DEGRADATIONS, degrade, speakers
 
 ALL_CONDITIONS = ("clean", "clean_quiet", *DEGRADATIONS)
 

@@ -16,17 +16,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline import evaluate
-from pipeline.evaluation import (
-    SIMILARITY_TEMPERATURE,
-    ExportedModel,
-    classification_metrics,
-    fastest_batch_size,
-    mc_dropout_probabilities,
-    psnr,
-)
-from pipeline.training.config import ModelParams
-from pipeline.training.networks import build_network, make_spec
+from pipeline.stages import evaluate
+from pipeline.evaluation import classification_metrics, psnr
+from pipeline.models.inference import SIMILARITY_TEMPERATURE, ExportedModel, fastest_batch_size
+from pipeline.models.networks import ModelParams, build_network, make_spec
 
 N_MELS, FRAMES = 16, 16  # the smallest input the default CNN pools (8 x 16) accept
 
@@ -231,18 +224,18 @@ def test_triplet_model_classifies_by_nearest_centroid(tmp_path: Path) -> None:
     assert probs[4].argmax() == 0 and probs[1].argmax() == 1  # each centroid's own row
 
     with pytest.raises(ValueError, match="triplet"):
-        mc_dropout_probabilities(model, features, np.arange(6), passes=3)
+        model.mc_dropout_probabilities(features, np.arange(6), passes=3)
 
 
 def test_mc_dropout_samples_vary_with_dropout(tmp_path: Path) -> None:
     network, spec = cnn_classifier(num_outputs=1, dropout=0.5)
     model = ExportedModel.load(write_model(tmp_path / "m", network, spec, classes=["bad", "good"], mode="classifier"))
     features, rows = random_features(4), np.arange(4)
-    samples = mc_dropout_probabilities(model, features, rows, passes=5, seed=0)
+    samples = model.mc_dropout_probabilities(features, rows, passes=5, seed=0)
     assert samples.shape == (5, 4, 2)
     np.testing.assert_allclose(samples.sum(axis=2), 1.0, atol=1e-6)
     assert samples[:, :, 1].std(axis=0).min() > 0, "dropout sampling must change every file's probability"
-    np.testing.assert_allclose(samples, mc_dropout_probabilities(model, features, rows, passes=5, seed=0))
+    np.testing.assert_allclose(samples, model.mc_dropout_probabilities(features, rows, passes=5, seed=0))
     assert not any(m.training for m in model.network.modules()), "the network is left in eval mode"
     # deterministic predictions are unaffected by a preceding MC-dropout call
     np.testing.assert_allclose(model.class_probabilities(features, rows), model.class_probabilities(features, rows))
@@ -252,7 +245,7 @@ def test_mc_dropout_without_dropout_is_deterministic(tmp_path: Path) -> None:
     network, spec = cnn_classifier(num_outputs=3, dropout=0.0)
     model = ExportedModel.load(write_model(tmp_path / "m", network, spec, classes=["a", "b", "c"], mode="classifier"))
     features, rows = random_features(3), np.arange(3)
-    samples = mc_dropout_probabilities(model, features, rows, passes=3)
+    samples = model.mc_dropout_probabilities(features, rows, passes=3)
     assert samples.shape == (3, 3, 3)
     np.testing.assert_allclose(samples.std(axis=0), 0.0, atol=1e-7)
     np.testing.assert_allclose(samples[0], model.class_probabilities(features, rows), atol=1e-6)

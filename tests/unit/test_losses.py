@@ -184,7 +184,7 @@ def test_gradients_finite(name: str, scale: float):
     weights = {2: [1.0, 3.0], 3: [1.0, 2.0, 0.5]}
     cases = [(2, binary())] + ([] if name == "auc" else [(3, multiclass())])
     for num_classes, (logits, target) in cases:
-        class_weight = weights[num_classes] if name == "who" else None
+        class_weight = weights[num_classes] if name == "weighted_ce" else None
         logits = (logits * scale).requires_grad_()
         loss = build_loss(name, num_classes, class_weight)(logits, target)
         loss.backward()
@@ -206,7 +206,7 @@ def test_small_exponents_have_finite_gradients_at_certainty(loss: torch.nn.Modul
 
 
 def test_build_loss_errors():
-    with pytest.raises(ValueError, match="valid names: bce, who, focal, asymmetric, auc"):
+    with pytest.raises(ValueError, match=r"valid names: bce, weighted_ce, focal, asymmetric, auc \(aliases: who\)"):
         build_loss("hinge", 2)
     with pytest.raises(ValueError, match="needs class_weight"):
         build_loss("who", 2)
@@ -216,6 +216,13 @@ def test_build_loss_errors():
         build_loss("bce", 2, [1.0, 2.0])
     with pytest.raises(ValueError, match="2 entries for 3 classes"):
         build_loss("who", 3, [1.0, 2.0])
+
+
+def test_seed_era_name_who_is_weighted_ce():
+    weight = [1.0, 3.0]
+    logits, target = binary()
+    assert torch.equal(build_loss("who", 2, weight)(logits, target),
+                       build_loss("weighted_ce", 2, weight)(logits, target))
 
 
 def test_build_loss_focal_uses_class_weight_as_alpha():

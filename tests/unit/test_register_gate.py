@@ -1,4 +1,4 @@
-"""pipeline.register.gate (the champion gate) on hand-made prediction tables, and provenance().
+"""pipeline.stages.register.gate (the champion gate) on hand-made prediction tables, and provenance().
 
 McNemar p-values are exact two-sided binomial tails: with d discordant files all favouring
 the challenger, p = 2 / 2**d (10 -> 0.001953125, 3 -> 0.25).
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.register import RegisterParams, gate, provenance
+from pipeline.stages.register import RegisterParams, gate, provenance
 
 
 def labels(n: int) -> list[str]:
@@ -111,12 +111,14 @@ def test_champion_on_other_files_is_not_comparable() -> None:
     decision = gate(challenger_table(truth), champion_table(truth, wrong=set(range(10)), prefix="other"),
                     RegisterParams())
     assert decision["move"] is False
-    assert decision["why"] == ("champion was evaluated on other test files (0 of 20 shared); "
-                               "not comparable")
+    assert decision["why"] == ("champion was evaluated on other test files (0 of 20 shared): "
+                               "not comparable; register.when_incomparable=keep")
     partial = champion_table(truth, wrong=set(range(10))).iloc[5:]  # 15 of the 20 files
     decision = gate(challenger_table(truth), partial, RegisterParams())
     assert decision["move"] is False
     assert "(15 of 20 shared)" in decision["why"]
+    promote = RegisterParams(when_incomparable="promote")
+    assert gate(challenger_table(truth), partial, promote)["move"] is True
 
 
 def test_only_kept_challenger_files_need_a_champion_prediction() -> None:

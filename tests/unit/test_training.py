@@ -16,13 +16,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from pipeline.train import TrainParams, TripletParams, fold_rows, make_module, summarize
-from pipeline.training.config import ModelParams, TrainerParams
+from pipeline.stages.train import TrainParams, TripletParams, fold_rows, make_module, summarize
+from pipeline.models.networks import ModelParams
+from pipeline.training.config import TrainerParams
 from pipeline.training.data import FeatureDataModule, FeatureDataset, LabelCoder, oversampler
 from pipeline.training.kfold import EpochHistory, fingerprint, fit_fold, prepare_workdir, read_history
 from pipeline.training.losses import LOSSES
 from pipeline.training.modules import ClassifierModule, MAEModule, TripletModule
-from pipeline.training.networks import build_network, make_spec
+from pipeline.models.networks import build_network, make_spec
 
 from tests.conftest import SYNTH_CLASSES as CLASSES
 from tests.conftest import SYNTH_FRAMES as FRAMES
@@ -70,14 +71,14 @@ def tiny_model(arch: str, **kw) -> ModelParams:
 
 
 def stage_module(p: TrainParams, train: pd.DataFrame) -> L.LightningModule:
-    """The module exactly as pipeline.train.run builds it (spec task, make_module)."""
+    """The module exactly as pipeline.stages.train.run builds it (spec task, make_module)."""
     task = "classifier" if p.mode == "classifier" else ("mae" if p.model.arch == "mae" else "embedder")
     spec = make_spec(p.model, N_MELS, FRAMES, task, CODER.num_outputs)
     return make_module(p, spec, CODER, train, None)
 
 
 def auto_module(model: ModelParams, trainer: TrainerParams) -> MAEModule:
-    """The module as pipeline.pretrain.run builds it (mode auto)."""
+    """The module as pipeline.stages.pretrain.run builds it (mode auto)."""
     return MAEModule(build_network(make_spec(model, N_MELS, FRAMES, task="mae")), trainer)
 
 
@@ -109,8 +110,8 @@ def quiet_trainer(**kwargs) -> L.Trainer:
 # --- fast_dev_run over every valid mode x model x loss -----------------------------------
 
 CASES = ([("classifier", arch, loss, "none") for arch in ("cnn", "mae") for loss in LOSSES]
-         + [("triplet", "cnn", "who", "none")]
-         + [("triplet", "mae", "who", recon) for recon in ("none", "mse", "logcosh")]
+         + [("triplet", "cnn", "weighted_ce", "none")]
+         + [("triplet", "mae", "weighted_ce", recon) for recon in ("none", "mse", "logcosh")]
          + [("auto", "mae", None, None)])
 
 
@@ -153,8 +154,13 @@ def test_triplet_recon_needs_mae_fails_cleanly(features_dir: Path, index: pd.Dat
 
 
 def test_unknown_loss_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"(?s)loss.*'who'.*hinge"):
+    with pytest.raises(ValueError, match=r"(?s)loss.*'weighted_ce'.*hinge"):
         TrainParams(loss="hinge", model=tiny_model("cnn"), trainer=FAST)
+
+
+def test_seed_era_param_names_still_work() -> None:
+    old = TrainParams.model_validate({"loss": "who", "extend_bad": True})
+    assert old.loss == "weighted_ce" and old.oversample_minority is True
 
 
 # --- overfitting one batch ----------------------------------------------------------------

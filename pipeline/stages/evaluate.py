@@ -8,23 +8,21 @@ group's surviving files; a group whose files were all filtered out gets
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
-from safetensors.torch import load_file
 from sklearn import metrics as skm
 
 from pipeline import plots, tracking
 from pipeline.config import Section, load_section
-from pipeline.evaluation import ExportedModel, classification_metrics, mc_dropout_probabilities, psnr
+from pipeline.contracts import FeaturesFolder, PretrainFolder
+from pipeline.evaluation import classification_metrics, psnr
 from pipeline.io import write_csv, write_json
+from pipeline.models.inference import ExportedModel, load_pretrained_mae, reconstruction_losses
 from pipeline.stats import group_vote
-from pipeline.training.inference import reconstruction_losses
-from pipeline.training.networks import build_network
 
 
 class EvaluateParams(Section):
@@ -46,34 +44,32 @@ def predictions_table(test: pd.DataFrame, probs: np.ndarray, classes: list[str],
 
 def mae_metrics(pretrained_dir: Path, features: np.ndarray, rows: np.ndarray, seed: int) -> dict:
     """Masked-patch reconstruction MSE and PSNR (peak = dynamic range of the test features)."""
-    info = json.loads((pretrained_dir / "mae.json").read_text())
-    mae = build_network(info["spec"])
-    mae.load_state_dict(load_file(str(pretrained_dir / "mae.safetensors")))
-    mse = reconstruction_losses(mae, features, rows, seed)
+    mse = reconstruction_losses(load_pretrained_mae(pretrained_dir), features, rows, seed)
     test = np.asarray(features[rows])
     return {"mae_mse": float(mse.mean()), "mae_psnr_db": float(psnr(mse, float(test.max() - test.min())).mean())}
 
 
 def run(features_dir: Path, ignored_csv: Path, model_dir: Path, pretrained_dir: Path, p: EvaluateParams,
         out: dict[str, Path]) -> dict:
-    index = pd.read_parquet(features_dir / "index.parquet")
+    folder = FeaturesFolder(features_dir)
+    index = folder.index()
     ignored = set(pd.read_csv(ignored_csv)["filename"])
     model = ExportedModel.load(model_dir)
-    features = np.load(features_dir / "features.npy", mmap_mode="r")
+    features = folder.array()
     test = index[index["split"] == "test"]
     rows = test["row"].to_numpy()
     probs = model.class_probabilities(features, rows)
     kept = ~test["path"].isin(ignored).to_numpy()
     table = predictions_table(test, probs, model.classes, kept)
     if p.mc_dropout_passes > 1:
-        samples = mc_dropout_probabilities(model, features, rows, p.mc_dropout_passes, p.seed)
+        samples = model.mc_dropout_probabilities(features, rows, p.mc_dropout_passes, p.seed)
         predicted = probs.argmax(axis=1)
         picked = samples[:, np.arange(len(rows)), predicted]
         table["prob_mc_low"], table["prob_mc_high"] = np.percentile(picked, [2.5, 97.5], axis=0)
     lookup = {c: i for i, c in enumerate(model.classes)}
     y_true = table["label"].map(lookup).to_numpy()
     metrics = {"files": classification_metrics(y_true[kept], probs[kept], model.classes, p.bootstrap_resamples, p.seed)}
-    fallback = p.all_filtered_class or (model.info.get("positive_class") if model.binary else model.classes[0])
+    fallback = p.all_filtered_class or (model.info.positive_class if model.binary else model.classes[0])
     groups = group_vote(table, all_filtered_class=fallback)
     g_true, g_pred = groups["label"].map(lookup).to_numpy(), groups["predicted"].map(lookup).to_numpy()
     g_probs = np.eye(len(model.classes))[g_pred]  # a vote is a hard decision
@@ -81,7 +77,7 @@ def run(features_dir: Path, ignored_csv: Path, model_dir: Path, pretrained_dir: 
     metrics["groups"].pop("roc_auc", None)  # undefined for hard votes
     metrics["counts"] = {"test_files": len(table), "kept_files": int(kept.sum()), "groups": len(groups),
                          "all_filtered_groups": int(groups["all_filtered"].sum())}
-    if (pretrained_dir / "mae.safetensors").exists():
+    if PretrainFolder(pretrained_dir).exists():
         metrics["mae"] = mae_metrics(pretrained_dir, features, rows, p.seed)
     write_outputs(table, groups, y_true, probs, kept, model.classes, metrics, out)
     with tracking.stage_run("evaluate", p) as stage:

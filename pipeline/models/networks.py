@@ -5,12 +5,27 @@ A spec is ``{"arch": "cnn"|"mae", "task": "classifier"|"embedder"|"mae", "kwargs
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
 from torch import nn
 
-from pipeline.models import AudioCNN, AudioMAEViT, EmbeddingClassifier, build_mae
-from pipeline.training.config import ModelParams
+from pipeline.config import Section
+from pipeline.models.cnn import AudioCNN
+from pipeline.models.heads import EmbeddingClassifier
+from pipeline.models.mae import AudioMAEViT, build_mae
+
+
+class ModelParams(Section):
+    """Which network: the CNN, or the MAE ViT by preset, with constructor overrides."""
+
+    arch: Literal["cnn", "mae"] = "cnn"
+    mae_preset: str = "demo"
+    patch_size: int | tuple[int, int] = 16
+    mask_ratio: float = Field(0.8, ge=0, lt=1)
+    norm_pix_loss: bool = False
+    dropout: float = Field(0.3, ge=0, lt=1)
+    overrides: dict[str, Any] = {}  # any other constructor argument of the chosen model
 
 
 def make_spec(p: ModelParams, n_mels: int, frames: int, task: str, num_outputs: int = 0) -> dict[str, Any]:

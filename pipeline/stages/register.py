@@ -1,11 +1,20 @@
 """Stage register: log the trained model to the MLflow registry and run the champion gate.
 
-The challenger (this run's model) is registered with provenance tags (git commit, md5 of
-data.dvc, DVC experiment, params hash). It takes alias ``champion`` only when no champion
-exists, or when it beats the champion on the same test files: a paired test (exact McNemar
-on per-file correctness, or paired bootstrap of the metric) below ``alpha`` and an improvement
-of at least ``min_improvement``. Partial runs (fast_dev_run, a subset of folds) never move it.
-Every decision is written to a declared output and appended to an audit log kept in git.
+One registered model per task: the challenger (this run's model) is registered as
+``<model_name>-<label column>-<task id>``, the task id being a hash of its classes, target
+column and feature parameters (``pipeline.contracts.task_signature``), so a model for other
+classes or other features never competes with, or replaces, this task's champion. With
+``task_suffix: false`` the name is ``model_name`` as given, and a champion of another task
+fails the stage, naming that setting.
+
+Versions carry provenance tags (git commit, md5 of data.dvc, DVC experiment, params hash,
+task). The challenger takes alias ``champion`` only when no champion exists, or when it beats
+the champion on the same test files: a paired test (exact McNemar on per-file correctness, or
+paired bootstrap of the metric) below ``alpha`` and an improvement of at least
+``min_improvement``. A champion evaluated on other test files (other data, or another split)
+cannot be compared: it keeps the alias (``when_incomparable: keep``) or yields it (``promote``). Partial runs
+(fast_dev_run, a subset of folds) never move it. Every decision is written to a declared output
+and appended to an audit log kept in git.
 """
 from __future__ import annotations
 
@@ -26,17 +35,23 @@ from sklearn import metrics as skm
 
 from pipeline import tracking
 from pipeline.config import Section, load_section
-from pipeline.evaluation import ExportedModel
+from pipeline.contracts import MODEL_ARTIFACT, FeaturesFolder, ModelFolder, ModelInfo, signature_id
 from pipeline.io import atomic_path, write_json
+from pipeline.models.inference import ExportedModel
 from pipeline.stats import mcnemar_exact, paired_bootstrap
 
 METRICS = {"accuracy": skm.accuracy_score, "balanced_accuracy": skm.balanced_accuracy_score,
            "f1_macro": lambda y, p: skm.f1_score(y, p, average="macro")}
 
 
+TAG_TASK = "task_id"
+
+
 class RegisterParams(Section):
     model_name: str = "soundline"
+    task_suffix: bool = True  # register as <model_name>-<label column>-<task id>
     alias: str = "champion"
+    when_incomparable: Literal["keep", "promote"] = "keep"  # champion evaluated on other test files
     metric: Literal["accuracy", "balanced_accuracy", "f1_macro"] = "balanced_accuracy"
     test: Literal["mcnemar", "bootstrap"] = "mcnemar"
     alpha: float = Field(0.05, gt=0, lt=1)
@@ -45,14 +60,23 @@ class RegisterParams(Section):
     seed: int = 0
 
 
+def registered_name(p: RegisterParams, info: ModelInfo) -> str:
+    """The registry name of the model's task (see the module docstring)."""
+    if not p.task_suffix:
+        return p.model_name
+    return f"{p.model_name}-{info.label_column or 'label'}-{signature_id(info.signature())}"
+
+
 def gate(challenger: pd.DataFrame, champion: pd.DataFrame | None, p: RegisterParams) -> dict:
     """Decide whether the challenger takes the alias. Tables: path, label, predicted, correct, kept."""
     if champion is None:
         return {"move": True, "why": "no champion yet"}
     both = challenger[challenger["kept"]].merge(champion, on="path", suffixes=("", "_champion"))
     if len(both) < challenger["kept"].sum() or len(both) == 0:
-        return {"move": False, "why": f"champion was evaluated on other test files "
-                                      f"({len(both)} of {int(challenger['kept'].sum())} shared); not comparable"}
+        return {"move": p.when_incomparable == "promote",
+                "why": f"champion was evaluated on other test files ({len(both)} of "
+                       f"{int(challenger['kept'].sum())} shared): not comparable; "
+                       f"register.when_incomparable={p.when_incomparable}"}
     score = METRICS[p.metric]
     new, old = score(both["label"], both["predicted"]), score(both["label"], both["predicted_champion"])
     decision = {"metric": p.metric, "challenger": float(new), "champion": float(old),
@@ -75,6 +99,25 @@ def gate(challenger: pd.DataFrame, champion: pd.DataFrame | None, p: RegisterPar
     return decision
 
 
+def champion_info(name: str, version: str) -> ModelInfo:
+    """The champion's model.json, read from its run's artifact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = tracking.download_artifact(tracking.version_run_id(name, version), MODEL_ARTIFACT, Path(tmp))
+        return ModelFolder(folder).info()
+
+
+def check_same_task(name: str, version: str, champion: ModelInfo, challenger: ModelInfo) -> None:
+    """Fail when the champion answers another question than the challenger (see module docstring)."""
+    mine, theirs = challenger.signature(), champion.signature()
+    if mine == theirs:
+        return
+    differs = ", ".join(f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if mine[k] != theirs[k])
+    raise ValueError(f"{name}@champion (v{version}) was trained for another task ({differs[:500]}); "
+                     "a model of another task can neither compete with nor replace it. Set "
+                     "register.task_suffix: true (one registered model per task) or choose another "
+                     "register.model_name")
+
+
 def provenance(data_dvc: Path, params_file: Path) -> dict[str, str]:
     outs = yaml.safe_load(data_dvc.read_text())["outs"]
     tags = {"data_dvc_md5": str(outs[0].get("md5")),
@@ -86,11 +129,9 @@ def provenance(data_dvc: Path, params_file: Path) -> dict[str, str]:
     return tags
 
 
-def champion_predictions(p: RegisterParams, version: str | None) -> pd.DataFrame | None:
-    if version is None:
-        return None
+def champion_predictions(name: str, version: str) -> pd.DataFrame:
     with tempfile.TemporaryDirectory() as tmp:
-        path = tracking.download_artifact(tracking.version_run_id(p.model_name, version),
+        path = tracking.download_artifact(tracking.version_run_id(name, version),
                                           "evaluation/predictions.csv", Path(tmp))
         return pd.read_csv(path)[["path", "predicted", "correct"]]
 
@@ -103,21 +144,32 @@ def run(model_dir: Path, predictions_csv: Path, train_metrics: Path, features_di
         raise ValueError(f"{train_metrics}: training was partial (fast_dev_run, overfit or a subset "
                          "of folds); refusing to register it")
     model = ExportedModel.load(model_dir, inference=False)  # logged as trained, BatchNorm intact
-    example = np.asarray(np.load(features_dir / "features.npy", mmap_mode="r")[:2], dtype=np.float32)[:, None]
-    tags = provenance(data_dvc, params_file)
+    features = FeaturesFolder(features_dir)
+    if model.info.signature() != features.meta().signature():
+        raise ValueError(f"{model_dir} was not trained on {features_dir} (other classes or feature parameters)")
+    example = np.array(features.array()[:2], dtype=np.float32)[:, None]  # a writable copy
+    name = registered_name(p, model.info)
+    tags = {**provenance(data_dvc, params_file), TAG_TASK: signature_id(model.info.signature()),
+            "label_column": str(model.info.label_column), "classes": json.dumps(model.info.classes)[:4000]}
     with tracking.stage_run("register", p, tags=tags) as stage:
-        champion = tracking.get_alias_version(p.model_name, p.alias)
-        uri = tracking.log_pytorch_model(model.network, "model", example, metadata=model.info)
-        stage.log_artifact(model_dir, "soundline_model")  # safetensors + model.json: loaded without pickle
+        champion = tracking.get_alias_version(name, p.alias)
+        if champion:
+            check_same_task(name, champion, champion_info(name, champion), model.info)
+        uri = tracking.log_pytorch_model(model.network, "model", example,
+                                         metadata=model.info.model_dump(mode="json"))
+        stage.log_artifact(model_dir, MODEL_ARTIFACT)
         stage.log_text(predictions_csv.read_text(), "evaluation/predictions.csv")
-        version = tracking.register(uri, p.model_name, tags)
-        try:
-            decision = gate(challenger, champion_predictions(p, champion), p)
-        except FileNotFoundError as err:  # a champion we cannot compare with keeps its alias
-            decision = {"move": False, "why": f"champion v{champion} cannot be compared: {err}"}
+        version = tracking.register(uri, name, tags)
+        if champion is None:
+            decision = gate(challenger, None, p)
+        else:
+            try:
+                decision = gate(challenger, champion_predictions(name, champion), p)
+            except FileNotFoundError as err:  # a champion we cannot compare with keeps its alias
+                decision = {"move": False, "why": f"champion v{champion} cannot be compared: {err}"}
         if decision["move"]:
-            tracking.set_alias(p.model_name, p.alias, version)
-        record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": p.model_name,
+            tracking.set_alias(name, p.alias, version)
+        record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": name,
                   "alias": p.alias, "challenger_version": version, "champion_version": champion,
                   "holder_after": version if decision["move"] else champion, **tags, **decision}
         stage.log_dict(record, "register/decision.json")

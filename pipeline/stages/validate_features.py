@@ -7,7 +7,6 @@ group sits in two places (train fold, test).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 from pydantic import Field
 
 from pipeline.config import Section, load_section
+from pipeline.contracts import FeatureMeta, FeaturesFolder
 from pipeline.expectations import SuiteReport, Table, validate
 from pipeline.io import write_json
 
@@ -52,10 +52,10 @@ def group_places(index: pd.DataFrame) -> pd.DataFrame:
             .agg(n_places="nunique", places=lambda s: ",".join(sorted(set(s)))).reset_index())
 
 
-def tables(index: pd.DataFrame, features: np.ndarray, meta: dict, p: FeatureChecks) -> dict[str, Table]:
+def tables(index: pd.DataFrame, features: np.ndarray, meta: FeatureMeta, p: FeatureChecks) -> dict[str, Table]:
     ex = gx.expectations
-    n, n_mels, frames = meta["shape"]
-    shape = pd.DataFrame([{"name": "features.npy", "rows": features.shape[0], "n_mels": features.shape[1],
+    n, n_mels, frames = meta.shape
+    shape = pd.DataFrame([{"name": "array", "rows": features.shape[0], "n_mels": features.shape[1],
                            "frames": features.shape[2], "index_rows": len(index)}])
     clips = pd.concat([index.reset_index(drop=True), clip_stats(features, p.batch)], axis=1)
     return {
@@ -81,10 +81,9 @@ def tables(index: pd.DataFrame, features: np.ndarray, meta: dict, p: FeatureChec
 
 
 def run(features_dir: Path, p: FeatureChecks, result_out: Path, docs_dir: Path) -> SuiteReport:
-    index = pd.read_parquet(features_dir / "index.parquet")
-    meta = json.loads((features_dir / "meta.json").read_text())
-    features = np.load(features_dir / "features.npy", mmap_mode="r")
-    report = validate("validate_features", tables(index, features, meta, p), docs_dir)
+    folder = FeaturesFolder(features_dir)
+    index = folder.index()
+    report = validate("validate_features", tables(index, folder.array(), folder.meta(), p), docs_dir)
     write_json(result_out, {"success": report.success, "clips": len(index), "expectations": report.evaluated,
                             "failed": len(report.failures), "failures": [f.__dict__ for f in report.failures]})
     return report

@@ -9,7 +9,6 @@ split) and ``test_recon.csv`` (held-out), which the filter stage reads.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,17 +18,18 @@ import torch
 import yaml
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline import plots, tracking
 from pipeline.config import Section, load_section
+from pipeline.contracts import FeaturesFolder, PretrainFolder, PretrainInfo
 from pipeline.io import atomic_dir, write_json
-from pipeline.training.config import ModelParams, TrainerParams
+from pipeline.models.inference import load_weights, reconstruction_losses
+from pipeline.models.networks import ModelParams, build_network, make_spec
+from pipeline.training.config import TrainerParams
 from pipeline.training.data import FeatureDataModule, LabelCoder
-from pipeline.training.inference import reconstruction_losses
-from pipeline.training.kfold import data_version, fingerprint, fit_fold, prepare_workdir, read_history
+from pipeline.training.kfold import fingerprint, fit_fold, prepare_workdir, read_history
 from pipeline.training.modules import MAEModule
-from pipeline.training.networks import build_network, make_spec
 
 
 class PretrainParams(Section):
@@ -66,29 +66,28 @@ def log_reconstructions(run: tracking.StageRun, mae: torch.nn.Module, features: 
 
 def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, recon_dir: Path,
         run_file: Path) -> dict:
-    index = pd.read_parquet(features_dir / "index.parquet")
-    meta = json.loads((features_dir / "meta.json").read_text())
-    _, n_mels, frames = meta["shape"]
+    folder = FeaturesFolder(features_dir)
+    index, meta = folder.index(), folder.meta()
     pool = index[index["split"] == "train"]
     if p.train_classes:
-        unknown = set(p.train_classes) - set(meta["classes"])
+        unknown = set(p.train_classes) - set(meta.classes)
         if unknown:
-            raise ValueError(f"pretrain.train_classes {sorted(unknown)} not among classes {meta['classes']}")
+            raise ValueError(f"pretrain.train_classes {sorted(unknown)} not among classes {meta.classes}")
         pool = pool[pool["label"].isin(p.train_classes)]
     train, val = pool[pool["fold"] != p.val_fold], pool[pool["fold"] == p.val_fold]
-    spec = make_spec(p.model, n_mels, frames, task="mae")
+    spec = make_spec(p.model, meta.n_mels, meta.frames, task="mae")
     network = build_network(spec)
-    prepare_workdir(work, fingerprint(p.model_dump(), meta, data_version(features_dir),
+    prepare_workdir(work, fingerprint(p.model_dump(), folder.content_id(),
                                       train["path"].tolist(), val["path"].tolist()))
-    coder = LabelCoder(meta["classes"], meta["classes"][0])  # targets are unused by the MAE loss
-    datamodule = FeatureDataModule(features_dir / "features.npy", coder, train, val, None, p.trainer)
+    coder = LabelCoder(meta.classes, meta.classes[0])  # targets are unused by the MAE loss
+    datamodule = FeatureDataModule(folder.array_path, coder, train, val, None, p.trainer)
     with tracking.stage_run("pretrain", p) as stage:
         tracking.write_run_id(run_file, stage)
         module = MAEModule(network, p.trainer)
         result = fit_fold("pretrain", module, datamodule, p.trainer, work / "pretrain",
                           tracking.lightning_logger(stage))
-        network.load_state_dict(load_file(str(work / "pretrain" / "model.safetensors")))
-        features = np.load(features_dir / "features.npy", mmap_mode="r")
+        load_weights(network, work / "pretrain" / "model.safetensors")
+        features = folder.array()
         losses = reconstruction_losses(network, features, index["row"].to_numpy(), p.recon_seed,
                                        p.trainer.batch_size)
         table = pd.DataFrame({"filename": index["path"], "reconstruction_loss": losses,
@@ -102,8 +101,9 @@ def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, reco
                 part.to_csv(tmp / f"{name}_recon.csv", index=False, lineterminator="\n")
             write_json(tmp / "recon_summary.json", summary)
         with atomic_dir(model_dir) as tmp:
-            save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(tmp / "mae.safetensors"))
-            write_json(tmp / "mae.json", {"spec": spec, "features": meta["features"]})
+            out = PretrainFolder(tmp)
+            save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(out.weights_path))
+            out.write_info(PretrainInfo(spec=spec, features=meta.features))
             (tmp / "model_summary.txt").write_text(str(ModelSummary(module, max_depth=2)))
             (tmp / "config_used.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
         stage.log_metrics({f"final/{k}": v for k, v in result["metrics"].items()})

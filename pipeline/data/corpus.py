@@ -1,6 +1,6 @@
 """Build the embedded default corpus: spoken digits by synthetic speakers over good and bad channels.
 
-``python -m pipeline.corpus`` speaks the ten digits with espeak-ng in many voice variants
+``python -m pipeline.data.corpus`` speaks the ten digits with espeak-ng in many voice variants
 (voice, pitch, speed: one variant is one "speaker", the ``group``). Each speaker is recorded
 in two sessions. Half of the speakers are "good" (clean channel in both sessions, at two
 gains); the other half are "bad" (each session degraded: noise, clipping, band-limiting or

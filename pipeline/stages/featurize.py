@@ -1,10 +1,9 @@
 """Stage featurize: log-mel features of every validated recording, with group-aware splits.
 
-Writes one folder:
-  features.npy   (N, n_mels, frames) float32, one contiguous memory-mappable array
-  index.parquet  row, path, label, group, split, fold, energy, duration_s (row = position in the array)
-  meta.json      the feature parameters, shape and class list, so training and serving
-                 compute and read features the same way without reading params.yaml
+Writes the features folder (``pipeline.contracts.FeaturesFolder``): one memory-mappable array,
+an index with one row per clip and its split/fold, and ``meta.json`` with the feature
+parameters, shape and class list, so training and serving compute and read features the same
+way without reading params.yaml.
 """
 from __future__ import annotations
 
@@ -19,8 +18,9 @@ from pydantic import Field
 
 from pipeline import audio
 from pipeline.config import Section, load_section
+from pipeline.contracts import FeatureMeta, FeaturesFolder
 from pipeline.features import FeatureParams, log_mel_batch
-from pipeline.io import atomic_dir, write_json
+from pipeline.io import atomic_dir
 from pipeline.parallel import chunked, pmap
 from pipeline.splits import SplitParams, assign, check_leakage
 
@@ -50,15 +50,13 @@ def _featurize_chunk(task: tuple[Path, list[str], FeatureParams, Path, int]) -> 
 
 
 def featurize(raw_dir: Path, paths: list[str], params: FeatureParams, workers: int,
-              chunk: int, out: Path) -> np.ndarray:
-    """Write features of ``paths`` into ``out`` (.npy, memory-mapped); return their energies."""
-    array = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32,
-                                      shape=(len(paths), params.n_mels, params.frames))
-    del array  # header written and file sized; the workers fill in the rows
+              chunk: int, out: FeaturesFolder) -> np.ndarray:
+    """Write features of ``paths`` into ``out``'s array (memory-mapped); return their energies."""
+    out.create_array(len(paths), params.n_mels, params.frames)  # the workers fill in the rows
     # One clip here first: forked workers then inherit the filterbank, the FFT plan and
-    # librosa's lazily imported modules instead of each paying ~0.3 s for them on its first chunk.
+    # librosa's lazily imported modules instead of each paying for them on its first chunk.
     log_mel_batch([np.zeros(params.clip_samples, np.float32)], params)
-    tasks = [(raw_dir, list(c), params, out, i * chunk) for i, c in enumerate(chunked(paths, chunk))]
+    tasks = [(raw_dir, list(c), params, out.array_path, i * chunk) for i, c in enumerate(chunked(paths, chunk))]
     energies = pmap(_featurize_chunk, tasks, workers, "featurize", chunk=1)
     return np.concatenate(energies) if energies else np.empty(0, np.float32)
 
@@ -83,14 +81,12 @@ def run(raw_dir: Path, manifest_path: Path, p: FeaturizeParams, out_dir: Path) -
         raise ValueError(f"{manifest_path}: has unreadable files; run validate_raw first")
     index = build_index(manifest, p)
     with atomic_dir(out_dir) as tmp:
-        index["energy"] = featurize(raw_dir, index["path"].tolist(), p.features, p.workers, p.chunk,
-                                    tmp / "features.npy")
-        index.to_parquet(tmp / "index.parquet", index=False)
-        write_json(tmp / "meta.json", {
-            "features": p.features.model_dump(), "label_column": p.label_column,
-            "shape": [len(index), p.features.n_mels, p.features.frames],
-            "classes": sorted(index["label"].unique()),
-        })
+        folder = FeaturesFolder(tmp)
+        index["energy"] = featurize(raw_dir, index["path"].tolist(), p.features, p.workers, p.chunk, folder)
+        folder.write(index, FeatureMeta(
+            features=p.features, label_column=p.label_column,
+            shape=(len(index), p.features.n_mels, p.features.frames),
+            classes=sorted(index["label"].unique())))
     return index
 
 

@@ -9,7 +9,6 @@ the reported cross-validation metrics.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -20,19 +19,20 @@ import pandas as pd
 import torch
 import yaml
 from lightning.pytorch.utilities.model_summary import ModelSummary
-from pydantic import Field, model_validator
-from safetensors.torch import load_file, save_file
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from safetensors.torch import save_file
 
 from pipeline import plots, tracking
 from pipeline.config import Section, load_section
-from pipeline.io import atomic_dir, write_csv, write_json
-from pipeline.training.config import ModelParams, SpecAugmentParams, TrainerParams
+from pipeline.contracts import FeaturesFolder, ModelFolder, ModelInfo, PretrainFolder
+from pipeline.io import atomic_dir, file_digest, write_csv, write_json
+from pipeline.models.inference import embeddings, load_weights
+from pipeline.models.networks import ModelParams, backbone_of, build_network, make_spec
+from pipeline.training.config import SpecAugmentParams, TrainerParams
 from pipeline.training.data import FeatureDataModule, LabelCoder
-from pipeline.training.inference import embeddings
-from pipeline.training.kfold import data_version, fingerprint, fit_fold, prepare_workdir, read_history
-from pipeline.training.losses import TripletLoss, build_loss
+from pipeline.training.kfold import fingerprint, fit_fold, prepare_workdir, read_history
+from pipeline.training.losses import LOSS_ALIASES, TripletLoss, build_loss
 from pipeline.training.modules import ClassifierModule, TripletModule
-from pipeline.training.networks import backbone_of, build_network, make_spec
 
 
 class TripletParams(Section):
@@ -48,14 +48,19 @@ class TrainParams(Section):
     positive_class: str = "good"  # binary tasks: the class whose probability the model outputs
     model: ModelParams = ModelParams()
     init_from_pretrain: bool = False  # MAE only: start from the pretrain stage's encoder
-    loss: Literal["who", "focal", "asymmetric", "auc", "bce"] = "who"
-    class_weight: list[float] | Literal["balanced"] | None = "balanced"  # used by who and focal
-    extend_bad: bool = False  # oversample the minority class
+    loss: Literal["weighted_ce", "focal", "asymmetric", "auc", "bce", "who"] = "weighted_ce"  # who: weighted_ce
+    class_weight: list[float] | Literal["balanced"] | None = "balanced"  # used by weighted_ce and focal
+    oversample_minority: bool = Field(False, validation_alias=AliasChoices("oversample_minority", "extend_bad"))
     specaugment: SpecAugmentParams | None = SpecAugmentParams()
     triplet: TripletParams = TripletParams()
     label_fraction: float = Field(1.0, gt=0, le=1)  # seeded, stratified share of training labels
     folds: list[int] | None = None  # None: every fold
     trainer: TrainerParams = TrainerParams()
+
+    @field_validator("loss")
+    @classmethod
+    def _alias(cls, name: str) -> str:
+        return LOSS_ALIASES.get(name, name)
 
     @model_validator(mode="after")
     def _check(self) -> TrainParams:
@@ -77,10 +82,10 @@ def fold_rows(index: pd.DataFrame, ignored: set[str], fold: int, p: TrainParams)
 def make_module(p: TrainParams, spec: dict, coder: LabelCoder, train: pd.DataFrame, pretrained: Path | None):
     network = build_network(spec)
     if pretrained is not None:
-        backbone_of(network).load_state_dict(load_file(str(pretrained)))
+        load_weights(backbone_of(network), pretrained)
     if p.mode == "triplet":
         return TripletModule(network, p.trainer, TripletLoss(**p.triplet.model_dump()))
-    weight = p.class_weight if p.loss in ("who", "focal") else None
+    weight = p.class_weight if p.loss in ("weighted_ce", "focal") else None
     loss = build_loss(p.loss, len(coder.classes), weight, labels=coder.encode(train["label"]))
     return ClassifierModule(network, p.trainer, loss, coder.num_outputs, p.specaugment)
 
@@ -97,7 +102,8 @@ def pretrained_weights(pretrained_dir: Path, spec: dict) -> Path:
     """The pretrain stage's encoder weights, after checking they fit the configured MAE."""
     if spec["arch"] != "mae":
         raise ValueError("train.init_from_pretrain needs train.model.arch: mae")
-    pre = json.loads((pretrained_dir / "mae.json").read_text())["spec"]["kwargs"]
+    folder = PretrainFolder(pretrained_dir)
+    pre = folder.info().spec["kwargs"]
 
     def shape(kwargs: dict) -> dict:  # mask_ratio may differ: it does not change the weights
         return {k: v for k, v in kwargs.items() if k != "mask_ratio"}
@@ -105,37 +111,36 @@ def pretrained_weights(pretrained_dir: Path, spec: dict) -> Path:
     if shape(pre) != shape(spec["kwargs"]):
         raise ValueError(f"train.model {shape(spec['kwargs'])} does not match the pretrained MAE "
                          f"{shape(pre)}; align pretrain.model and train.model")
-    return pretrained_dir / "mae.safetensors"
+    return folder.weights_path
 
 
 def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainParams, work: Path,
         model_dir: Path, curves_out: Path, run_file: Path) -> dict:
-    index = pd.read_parquet(features_dir / "index.parquet")
-    meta = json.loads((features_dir / "meta.json").read_text())
+    folder = FeaturesFolder(features_dir)
+    index, meta = folder.index(), folder.meta()
     ignored = set(pd.read_csv(ignored_csv)["filename"])
-    _, n_mels, frames = meta["shape"]
-    coder = LabelCoder(meta["classes"], p.positive_class)
+    coder = LabelCoder(meta.classes, p.positive_class)
     task = "classifier" if p.mode == "classifier" else ("mae" if p.model.arch == "mae" else "embedder")
-    spec = make_spec(p.model, n_mels, frames, task, coder.num_outputs)
+    spec = make_spec(p.model, meta.n_mels, meta.frames, task, coder.num_outputs)
     pretrained = pretrained_weights(pretrained_dir, spec) if p.init_from_pretrain else None
     folds = p.folds if p.folds is not None else sorted(index.loc[index["split"] == "train", "fold"].unique())
-    prepare_workdir(work, fingerprint(p.model_dump(), meta, sorted(ignored), data_version(features_dir),
-                                      None if pretrained is None else pretrained.stat().st_mtime_ns))
-    features = np.load(features_dir / "features.npy", mmap_mode="r")
+    prepare_workdir(work, fingerprint(p.model_dump(), sorted(ignored), folder.content_id(),
+                                      None if pretrained is None else file_digest(pretrained)))
+    features = folder.array()
     results = []
     with tracking.stage_run("train", p) as stage:
         tracking.write_run_id(run_file, stage)
         for fold in folds:
             train, val = fold_rows(index, ignored, int(fold), p)
             module = make_module(p, spec, coder, train, pretrained)
-            datamodule = FeatureDataModule(features_dir / "features.npy", coder, train, val, None, p.trainer,
-                                           oversample=p.extend_bad)
+            datamodule = FeatureDataModule(folder.array_path, coder, train, val, None, p.trainer,
+                                           oversample=p.oversample_minority)
             with stage.child(f"fold_{fold}", {"fold": int(fold), "train_files": len(train), "val_files": len(val)}) as child:
                 result = fit_fold(f"fold_{fold}", module, datamodule, p.trainer, work / f"fold_{fold}",
                                   tracking.lightning_logger(child))
                 child.log_metrics({f"best/{k}": v for k, v in result["metrics"].items()})
             if p.mode == "triplet" and not (work / f"fold_{fold}" / "centroids.safetensors").exists():
-                module.network.load_state_dict(load_file(str(work / f"fold_{fold}" / "model.safetensors")))
+                load_weights(module.network, work / f"fold_{fold}" / "model.safetensors")
                 save_file({k: torch.from_numpy(v) for k, v in
                            centroids(module, features, train, coder).items()},
                           str(work / f"fold_{fold}" / "centroids.safetensors"))
@@ -146,18 +151,19 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
         best = summary["final_fold"]
         history = pd.concat([read_history(work / f"fold_{f}" / "history.csv") for f in folds], ignore_index=True)
         with atomic_dir(model_dir) as tmp:
-            for name in ("model.safetensors", "centroids.safetensors"):
+            out = ModelFolder(tmp)
+            for name in (out.weights_path.name, out.centroids_path.name):
                 if (work / best / name).exists():
                     shutil.copy2(work / best / name, tmp / name)
-            write_json(tmp / "model.json", {"spec": spec, "mode": p.mode, "classes": coder.order,
-                                            "binary": coder.binary, "positive_class": p.positive_class,
-                                            "features": meta["features"], "fold": best,
-                                            "selection": f"best fold by {p.trainer.monitor} ({p.trainer.monitor_mode})"})
+            out.write_info(ModelInfo(
+                spec=spec, mode=p.mode, classes=coder.order, binary=coder.binary,
+                positive_class=p.positive_class, features=meta.features, label_column=meta.label_column,
+                fold=best, selection=f"best fold by {p.trainer.monitor} ({p.trainer.monitor_mode})"))
             (tmp / "config_used.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
             (tmp / "model_summary.txt").write_text(str(ModelSummary(module, max_depth=2)))
         write_csv(curves_out, history)
         stage.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
-        for name in ("config_used.yaml", "model_summary.txt", "model.json"):
+        for name in ("config_used.yaml", "model_summary.txt", out.info_path.name):
             stage.log_artifact(model_dir / name)
         if not history.empty:
             metrics = [m for m in ("train/loss", "val/loss", p.trainer.monitor) if m in history]

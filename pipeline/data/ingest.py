@@ -8,12 +8,12 @@ any other named group becomes an extra metadata column. Files that do not match 
 Examples:
   Free Spoken Digit Dataset (``{digit}_{speaker}_{n}.wav``; speaker is the group)::
 
-    python -m pipeline.ingest ../shared/data/fsdd/recordings \\
+    python -m pipeline.data.ingest ../shared/data/fsdd/recordings \\
         --pattern '(?P<label>\\d)_(?P<group>[a-z]+)_\\d+\\.wav'
 
   Speech Commands (``<word>/{speaker_hash}_nohash_{n}.wav``)::
 
-    python -m pipeline.ingest ../shared/data/speech_commands_mini \\
+    python -m pipeline.data.ingest ../shared/data/speech_commands_mini \\
         --pattern '(?P<label>[^/]+)/(?P<group>[0-9a-f]+)_nohash_\\d+\\.wav'
 """
 from __future__ import annotations

@@ -1,0 +1,206 @@
+"""The on-disk contracts between stages: the features folder and the model folders.
+
+Each folder is one class that names its files and reads or writes them, so a file name or the
+layout of ``meta.json`` / ``model.json`` is spelled here and nowhere else:
+
+  features folder (featurize)   features.npy (rows, n_mels, frames) float32, memory-mappable
+                                index.parquet one row per clip (INDEX_COLUMNS)
+                                meta.json     FeatureMeta: feature params, shape, classes
+  model folder (train)          model.json ModelInfo, model.safetensors, centroids.safetensors
+  pretrained folder (pretrain)  mae.json PretrainInfo, mae.safetensors
+
+Weights are safetensors, never pickles.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.features import FeatureParams
+from pipeline.io import file_digest, write_json
+
+INDEX_COLUMNS = ("row", "path", "label", "group", "split", "fold", "energy", "duration_s")
+MODEL_ARTIFACT = "soundline_model"  # the model folder as an MLflow run artifact (register logs it)
+
+
+class Contract(BaseModel):
+    """A JSON document of a folder: unknown keys are kept (older or newer writers), values frozen."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+def _read(model: type[Contract], path: Path) -> Any:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; run the stage that writes it")
+    try:
+        return model.model_validate_json(path.read_text())
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"{path}: {problems}") from err
+
+
+class FeatureMeta(Contract):
+    """``meta.json``: how the features were computed and what they hold."""
+
+    features: FeatureParams
+    label_column: str
+    shape: tuple[int, int, int]  # rows, n_mels, frames
+    classes: list[str]  # sorted
+
+    @property
+    def n_mels(self) -> int:
+        return self.shape[1]
+
+    def signature(self) -> dict:
+        return task_signature(self.classes, self.features, self.label_column)
+
+    @property
+    def frames(self) -> int:
+        return self.shape[2]
+
+
+def task_signature(classes: list[str], features: FeatureParams, label_column: str | None) -> dict:
+    """What makes two models answer the same question: classes, target column, feature front end.
+
+    A model trained for another signature cannot be compared with, or replace, one of this
+    signature (see the register stage's champion gate and the package stage).
+    """
+    return {"classes": sorted(classes), "label_column": label_column,
+            "features": features.model_dump(mode="json")}
+
+
+def signature_id(signature: dict) -> str:
+    """A short stable hash of a :func:`task_signature`."""
+    return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class FeaturesFolder:
+    """The featurize stage's output folder."""
+
+    path: Path
+
+    @property
+    def array_path(self) -> Path:
+        return self.path / "features.npy"
+
+    @property
+    def index_path(self) -> Path:
+        return self.path / "index.parquet"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / "meta.json"
+
+    def index(self) -> pd.DataFrame:
+        if not self.index_path.exists():
+            raise FileNotFoundError(f"{self.index_path}: not found; run the featurize stage")
+        index = pd.read_parquet(self.index_path)
+        missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+        if missing:
+            raise ValueError(f"{self.index_path}: missing column(s) {missing}")
+        return index
+
+    def meta(self) -> FeatureMeta:
+        return _read(FeatureMeta, self.meta_path)
+
+    def array(self) -> np.ndarray:
+        """The (rows, n_mels, frames) array, memory-mapped read-only."""
+        if not self.array_path.exists():
+            raise FileNotFoundError(f"{self.array_path}: not found; run the featurize stage")
+        return np.load(self.array_path, mmap_mode="r")
+
+    def create_array(self, rows: int, n_mels: int, frames: int) -> None:
+        """An empty (rows, n_mels, frames) float32 ``.npy`` whose rows writers fill in place."""
+        np.lib.format.open_memmap(self.array_path, mode="w+", dtype=np.float32, shape=(rows, n_mels, frames))
+
+    def write(self, index: pd.DataFrame, meta: FeatureMeta) -> None:
+        """Write the index and meta beside an array filled by :meth:`create_array`'s writers."""
+        index.to_parquet(self.index_path, index=False)
+        write_json(self.meta_path, meta.model_dump(mode="json"))
+
+    def content_id(self) -> str:
+        """A digest of the folder's content (index, array, meta), not of where or when it was written."""
+        return file_digest(self.index_path, self.meta_path, self.array_path)
+
+
+class ModelInfo(Contract):
+    """``model.json``: everything needed to rebuild and use an exported classifier."""
+
+    spec: dict  # pipeline.models.networks.make_spec
+    mode: str = "classifier"  # classifier | triplet
+    classes: list[str]  # position = target value; binary: [negative, positive]
+    binary: bool
+    positive_class: str | None = None
+    features: FeatureParams
+    label_column: str | None = None
+    fold: str | None = None
+    selection: str | None = None
+
+    def signature(self) -> dict:
+        return task_signature(self.classes, self.features, self.label_column)
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """The train stage's exported model (also the artifact ``soundline_model/`` in MLflow)."""
+
+    path: Path
+
+    @property
+    def info_path(self) -> Path:
+        return self.path / "model.json"
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / "model.safetensors"
+
+    @property
+    def centroids_path(self) -> Path:
+        return self.path / "centroids.safetensors"
+
+    files = ("model.json", "model.safetensors", "centroids.safetensors")
+
+    def info(self) -> ModelInfo:
+        return _read(ModelInfo, self.info_path)
+
+    def write_info(self, info: ModelInfo) -> None:
+        write_json(self.info_path, info.model_dump(mode="json"))
+
+
+class PretrainInfo(Contract):
+    """``mae.json``: the pretrained MAE's spec and the features it saw."""
+
+    spec: dict
+    features: FeatureParams
+
+
+@dataclass(frozen=True)
+class PretrainFolder:
+    """The pretrain stage's exported masked autoencoder."""
+
+    path: Path
+
+    @property
+    def info_path(self) -> Path:
+        return self.path / "mae.json"
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / "mae.safetensors"
+
+    def exists(self) -> bool:
+        return self.weights_path.exists()
+
+    def info(self) -> PretrainInfo:
+        return _read(PretrainInfo, self.info_path)
+
+    def write_info(self, info: PretrainInfo) -> None:
+        write_json(self.info_path, info.model_dump(mode="json"))
