@@ -3,11 +3,15 @@
 Each stage declares a pydantic model for its own section and loads only that section, so a
 typo in ``params.yaml`` (unknown key, wrong type, out-of-range value) fails the stage at start
 with a message that names the section and the field.
+
+One seed: the top-level ``seed`` fills every ``seed`` field a section (or a model nested in it)
+declares and leaves unset, so one number feeds every stage's randomness; a section's own
+``seed`` overrides it for that section and what it holds.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -22,6 +26,29 @@ class Section(BaseModel):
 
 
 S = TypeVar("S", bound=BaseModel)
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def inherit_seed(model: type[BaseModel], data: Any, seed: Any) -> Any:
+    """``data`` with ``seed`` set wherever ``model`` (or a model nested in it) has a ``seed`` field
+    that ``data`` leaves out; an explicit ``seed`` is inherited below it instead."""
+    if seed is None or not isinstance(data, dict):
+        return data
+    out = dict(data)
+    if "seed" in model.model_fields:
+        out.setdefault("seed", seed)
+    for name, field in model.model_fields.items():
+        sub = _nested_model(field.annotation)
+        if sub is None or (name not in out and "seed" not in sub.model_fields):
+            continue
+        out[name] = inherit_seed(sub, out.get(name, {}), out.get("seed", seed))
+    return out
 
 
 class ParamsError(ValueError):
@@ -40,7 +67,7 @@ def load_section(name: str, model: type[S], path: Path | str = DEFAULT_PARAMS) -
     if name not in document:
         raise ParamsError(f"{path}: section '{name}' is missing")
     try:
-        return model.model_validate(document[name] or {})
+        return model.model_validate(inherit_seed(model, document[name] or {}, document.get("seed")))
     except ValidationError as err:
         problems = "; ".join(
             f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"

@@ -143,6 +143,7 @@ class ModelInfo(Contract):
     label_column: str | None = None
     fold: str | None = None
     selection: str | None = None
+    seed: int | None = None  # the train stage's seed
 
     def signature(self) -> dict:
         return task_signature(self.classes, self.features, self.label_column)

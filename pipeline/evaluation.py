@@ -10,7 +10,7 @@ from functools import partial
 import numpy as np
 from sklearn import metrics as skm
 
-from pipeline.stats import bootstrap_ci
+from pipeline.stats import bootstrap_ci, small_sample_warnings_ignored
 
 
 def _auc(y_true: np.ndarray, probs: np.ndarray) -> float:
@@ -35,18 +35,32 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
         scorers[f"precision/{name}"] = partial(_per_class, skm.precision_score, i)
         scorers[f"recall/{name}"] = partial(_per_class, skm.recall_score, i)
     out = {}
-    for name, fn in scorers.items():
-        value, low, high = bootstrap_ci(fn, y_true, y_pred, n_resamples=n_resamples, seed=seed)
-        out[name] = {"value": value, "ci_low": low, "ci_high": high}
-    if len(np.unique(y_true)) > 1:
-        value, low, high = bootstrap_ci(_auc, y_true, probs, n_resamples=n_resamples, seed=seed)
-        out["roc_auc"] = {"value": value, "ci_low": low, "ci_high": high}
+    with small_sample_warnings_ignored():  # a small test set may lack a class
+        for name, fn in scorers.items():
+            value, low, high = bootstrap_ci(fn, y_true, y_pred, n_resamples=n_resamples, seed=seed)
+            out[name] = {"value": value, "ci_low": low, "ci_high": high}
+        if len(np.unique(y_true)) > 1:
+            value, low, high = bootstrap_ci(_auc, y_true, probs, n_resamples=n_resamples, seed=seed)
+            out["roc_auc"] = {"value": value, "ci_low": low, "ci_high": high}
     out["confusion_matrix"] = skm.confusion_matrix(y_true, y_pred, labels=labels).tolist()
     return out
 
 
 def _per_class(score, cls: int, y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return score(y_true, y_pred, labels=[cls], average="macro", zero_division=0)
+
+
+def curve_inputs(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, scores) for ROC and precision-recall curves, or None with a single class present.
+
+    Two classes: the positive class's probability. More: every (file, class) pair one-vs-rest,
+    the micro-average, so a multi-class task gets one curve too.
+    """
+    if len(np.unique(y_true)) < 2:
+        return None
+    if probs.shape[1] == 2:
+        return y_true, probs[:, 1]
+    return np.eye(probs.shape[1], dtype=int)[y_true].ravel(), probs.ravel()
 
 
 def psnr(mse: np.ndarray, peak: float) -> np.ndarray:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,20 @@ def _paired(names: Sequence[str], *arrays: ArrayLike) -> tuple[np.ndarray, ...]:
     return out
 
 
+@contextmanager
+def small_sample_warnings_ignored() -> Iterator[None]:
+    """Silence scikit-learn's warnings about classes absent from a (re)sample.
+
+    A bootstrap resample, or a test set of a few groups, often lacks a class; the metric is then
+    undefined (skipped) or computed over the classes present, which is what these warn about.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true", UserWarning)
+        warnings.filterwarnings("ignore", "A single label was found in 'y_true' and 'y_pred'", UserWarning)
+        yield
+
+
 def _bootstrap(statistic: Callable[[np.ndarray], float], n: int, n_resamples: int,
                seed: int) -> np.ndarray:
     """``statistic(indices)`` over ``n_resamples`` index resamples, undefined ones dropped.
@@ -70,10 +85,7 @@ def _bootstrap(statistic: Callable[[np.ndarray], float], n: int, n_resamples: in
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     rng = np.random.default_rng(seed)
     values = []
-    with warnings.catch_warnings():
-        # sklearn warns (and returns nan) when e.g. a resample holds a single class; such a
-        # resample is skipped below, so the warning is expected noise here.
-        warnings.simplefilter("ignore", UndefinedMetricWarning)
+    with small_sample_warnings_ignored():  # an undefined resample is skipped below
         for _ in range(n_resamples):
             idx = rng.integers(0, n, size=n)
             try:

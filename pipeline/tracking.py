@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import time
+from importlib.metadata import version
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,8 @@ def configure() -> str:
     # like a hung stage for minutes; fail within seconds instead unless the user chose otherwise.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # A stage downloads a handful of small artifacts; a progress bar per download is noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -283,8 +286,10 @@ def log_pytorch_model(
             input_example=signature_example,
             metadata=dict(metadata or {}),
             # Inferring requirements imports the model in a subprocess (seconds); a pt2 graph
-            # needs only torch to load, which the flavor's defaults pin.
-            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+            # needs only what the flavor's defaults pin. Stated here without torch's local
+            # version label (+cpu), which MLflow would otherwise strip with a warning per run.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"cloudpickle=={version('cloudpickle')}"],
         )
     return info.model_uri
 

@@ -37,7 +37,7 @@ def ensure_imported(archive: Path) -> str:
     try:
         bentoml.get(tag)
     except NotFound:
-        bentoml.import_bento(str(archive))
+        bentoml.import_bento(str(archive.resolve()))  # a relative path is read from the root
         print(f"serve: imported {tag} from {archive} into the local BentoML store")
     return tag
 

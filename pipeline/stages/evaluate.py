@@ -19,7 +19,7 @@ from sklearn import metrics as skm
 from pipeline import plots, tracking
 from pipeline.config import Section, load_section
 from pipeline.contracts import FeaturesFolder, PretrainFolder
-from pipeline.evaluation import classification_metrics, psnr
+from pipeline.evaluation import classification_metrics, curve_inputs, psnr
 from pipeline.io import write_csv, write_json
 from pipeline.models.inference import ExportedModel, load_pretrained_mae, reconstruction_losses
 from pipeline.stats import group_vote
@@ -86,8 +86,8 @@ def run(features_dir: Path, ignored_csv: Path, model_dir: Path, pretrained_dir: 
         stage.log_artifact(out["predictions"])
         stage.log_artifact(out["groups"])
         stage.log_figure(plots.confusion(np.array(metrics["files"]["confusion_matrix"]), model.classes), "plots/confusion_matrix.png")
-        if model.binary and len(np.unique(y_true[kept])) > 1:
-            stage.log_figure(plots.roc_pr(y_true[kept], probs[kept, 1]), "plots/roc_pr.png")
+        if (curve := curve_inputs(y_true[kept], probs[kept])) is not None:
+            stage.log_figure(plots.roc_pr(*curve), "plots/roc_pr.png")
     return metrics
 
 
@@ -111,11 +111,13 @@ def write_outputs(table: pd.DataFrame, groups: pd.DataFrame, y_true: np.ndarray,
     write_json(out["metrics"], metrics)
     write_csv(out["plots"] / "confusion.csv", table.loc[kept, ["label", "predicted"]].rename(
         columns={"label": "actual"}))
-    if len(classes) == 2 and len(np.unique(y_true[kept])) > 1:
-        fpr, tpr, _ = skm.roc_curve(y_true[kept], probs[kept, 1])
-        precision, recall, _ = skm.precision_recall_curve(y_true[kept], probs[kept, 1])
-        write_csv(out["plots"] / "roc.csv", pd.DataFrame({"fpr": fpr, "tpr": tpr}))
-        write_csv(out["plots"] / "pr.csv", pd.DataFrame({"recall": recall, "precision": precision}))
+    # Written in every case (empty with one class present): dvc.yaml declares them as plots.
+    fpr = tpr = recall = precision = np.empty(0)
+    if (curve := curve_inputs(y_true[kept], probs[kept])) is not None:
+        fpr, tpr, _ = skm.roc_curve(*curve)
+        precision, recall, _ = skm.precision_recall_curve(*curve)
+    write_csv(out["plots"] / "roc.csv", pd.DataFrame({"fpr": fpr, "tpr": tpr}))
+    write_csv(out["plots"] / "pr.csv", pd.DataFrame({"recall": recall, "precision": precision}))
 
 
 def main(argv: list[str] | None = None) -> None:

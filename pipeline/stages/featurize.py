@@ -27,6 +27,7 @@ from pipeline.splits import SplitParams, assign, check_leakage
 
 class FeaturizeParams(Section):
     label_column: str = "label"
+    seed: int = 0  # the splits' (params.yaml's top-level seed unless set here)
     features: FeatureParams = FeatureParams()
     split: SplitParams = SplitParams()
     workers: int = 0  # 0: all cores

@@ -24,7 +24,7 @@ from pathlib import Path
 from pipeline import tracking
 from pipeline.config import Section, load_section
 from pipeline.contracts import MODEL_ARTIFACT, FeaturesFolder, ModelFolder, ModelInfo
-from pipeline.io import atomic_path, write_json
+from pipeline.io import write_json
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,11 +73,13 @@ def build_bento(bentofile: str, model_tag: str) -> str:
 
 
 def export_bento(tag: str, out: Path) -> None:
-    """Write the Bento to ``out`` as one archive (replaced atomically)."""
+    """Write the Bento to ``out`` (``*.bento``, BentoML's archive format) in one rename."""
     import bentoml
 
-    with atomic_path(out) as tmp:
-        bentoml.export_bento(tag, str(tmp), output_format="gz")
+    out = out.resolve()  # BentoML reads a relative path from the file system's root
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export.", dir=out.parent) as tmp:
+        os.replace(bentoml.export_bento(tag, str(Path(tmp) / out.name)), out)
 
 
 def run(decision_file: Path, features_dir: Path, p: PackageParams, bento_out: Path, out: Path) -> dict:

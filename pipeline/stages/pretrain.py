@@ -28,7 +28,7 @@ from pipeline.models.inference import load_weights, reconstruction_losses
 from pipeline.models.networks import ModelParams, build_network, make_spec
 from pipeline.training.config import TrainerParams
 from pipeline.training.data import FeatureDataModule, LabelCoder
-from pipeline.training.kfold import fingerprint, fit_fold, prepare_workdir, read_history
+from pipeline.training.kfold import fingerprint, fit_fold, prepare_workdir, read_history, seed_all
 from pipeline.training.modules import MAEModule
 
 
@@ -37,7 +37,7 @@ class PretrainParams(Section):
     val_fold: int = Field(0, ge=0)
     model: ModelParams = ModelParams(arch="mae")
     trainer: TrainerParams = TrainerParams()
-    recon_seed: int = 0
+    seed: int = 0  # training and the reconstruction pass (params.yaml's top-level seed unless set here)
     histogram_bins: int = Field(20, ge=2)
 
 
@@ -76,6 +76,7 @@ def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, reco
         pool = pool[pool["label"].isin(p.train_classes)]
     train, val = pool[pool["fold"] != p.val_fold], pool[pool["fold"] == p.val_fold]
     spec = make_spec(p.model, meta.n_mels, meta.frames, task="mae")
+    seed_all(p.seed)
     network = build_network(spec)
     prepare_workdir(work, fingerprint(p.model_dump(), folder.content_id(),
                                       train["path"].tolist(), val["path"].tolist()))
@@ -88,7 +89,7 @@ def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, reco
                           tracking.lightning_logger(stage))
         load_weights(network, work / "pretrain" / "model.safetensors")
         features = folder.array()
-        losses = reconstruction_losses(network, features, index["row"].to_numpy(), p.recon_seed,
+        losses = reconstruction_losses(network, features, index["row"].to_numpy(), p.seed,
                                        p.trainer.batch_size)
         table = pd.DataFrame({"filename": index["path"], "reconstruction_loss": losses,
                               "signal_energy": index["energy"]})

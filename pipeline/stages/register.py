@@ -150,7 +150,8 @@ def run(model_dir: Path, predictions_csv: Path, train_metrics: Path, features_di
     example = np.array(features.array()[:2], dtype=np.float32)[:, None]  # a writable copy
     name = registered_name(p, model.info)
     tags = {**provenance(data_dvc, params_file), TAG_TASK: signature_id(model.info.signature()),
-            "label_column": str(model.info.label_column), "classes": json.dumps(model.info.classes)[:4000]}
+            "label_column": str(model.info.label_column), "classes": json.dumps(model.info.classes)[:4000],
+            "seed": str(model.info.seed)}
     with tracking.stage_run("register", p, tags=tags) as stage:
         champion = tracking.get_alias_version(name, p.alias)
         if champion:

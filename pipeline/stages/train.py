@@ -30,7 +30,7 @@ from pipeline.models.inference import embeddings, load_weights
 from pipeline.models.networks import ModelParams, backbone_of, build_network, make_spec
 from pipeline.training.config import SpecAugmentParams, TrainerParams
 from pipeline.training.data import FeatureDataModule, LabelCoder
-from pipeline.training.kfold import fingerprint, fit_fold, prepare_workdir, read_history
+from pipeline.training.kfold import fingerprint, fit_fold, prepare_workdir, read_history, seed_all
 from pipeline.training.losses import LOSS_ALIASES, TripletLoss, build_loss
 from pipeline.training.modules import ClassifierModule, TripletModule
 
@@ -56,6 +56,7 @@ class TrainParams(Section):
     label_fraction: float = Field(1.0, gt=0, le=1)  # seeded, stratified share of training labels
     folds: list[int] | None = None  # None: every fold
     trainer: TrainerParams = TrainerParams()
+    seed: int = 0  # params.yaml's top-level seed unless set here
 
     @field_validator("loss")
     @classmethod
@@ -132,6 +133,7 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
         tracking.write_run_id(run_file, stage)
         for fold in folds:
             train, val = fold_rows(index, ignored, int(fold), p)
+            seed_all(p.seed)
             module = make_module(p, spec, coder, train, pretrained)
             datamodule = FeatureDataModule(folder.array_path, coder, train, val, None, p.trainer,
                                            oversample=p.oversample_minority)
@@ -158,7 +160,8 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
             out.write_info(ModelInfo(
                 spec=spec, mode=p.mode, classes=coder.order, binary=coder.binary,
                 positive_class=p.positive_class, features=meta.features, label_column=meta.label_column,
-                fold=best, selection=f"best fold by {p.trainer.monitor} ({p.trainer.monitor_mode})"))
+                fold=best, selection=f"best fold by {p.trainer.monitor} ({p.trainer.monitor_mode})",
+                seed=p.seed))
             (tmp / "config_used.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
             (tmp / "model_summary.txt").write_text(str(ModelSummary(module, max_depth=2)))
         write_csv(curves_out, history)

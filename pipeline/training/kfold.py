@@ -11,7 +11,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,26 @@ from safetensors.torch import save_file
 
 from pipeline.io import write_json
 from pipeline.training.config import TrainerParams
+
+
+# Lightning's informational lines that say nothing about this run (an advert, absent hardware,
+# the checkpoint reload that fit_fold does on purpose); everything else it logs still shows.
+_LIGHTNING_NOISE = ("💡 Tip:", "GPU available: False", "TPU available: False", "HPU available: False",
+                    "Restoring states from the checkpoint path", "Loaded model weights from the checkpoint")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_LIGHTNING_NOISE)
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's known-harmless lines and one deprecation inside Lightning itself."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropNoise) for f in logger.filters):
+        logger.addFilter(_DropNoise())
+    # lightning 2.6's own _pytree calls torch's deprecated LeafSpec; nothing a user can change
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def fingerprint(*parts: Any) -> str:
@@ -36,6 +58,26 @@ def prepare_workdir(work: Path, key: str) -> None:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     stamp.write_text(key + "\n")
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (and DataLoader workers): call before building a network, so
+    its initial weights follow from the seed."""
+    L.seed_everything(seed, workers=True, verbose=False)
+
+
+class ReseedEachEpoch(Callback):
+    """Seed every training epoch with ``seed + epoch``.
+
+    Shuffling, masking and augmentation of an epoch then follow from the seed and the epoch
+    alone, so a fold resumed from its last checkpoint continues exactly as an uninterrupted run.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        seed_all(self.seed + trainer.current_epoch)
 
 
 class EpochHistory(Callback):
@@ -76,14 +118,16 @@ def fit_fold(name: str, module: L.LightningModule, datamodule: L.LightningDataMo
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:03d}", monitor=p.monitor,
                                  mode=p.monitor_mode, save_top_k=p.save_top_k, save_last=True,
                                  auto_insert_metric_name=False)
-    callbacks: list[Callback] = [checkpoint, EpochHistory(fold_dir / "history.csv", name),
+    callbacks: list[Callback] = [checkpoint, EpochHistory(fold_dir / "history.csv", name), ReseedEachEpoch(p.seed),
                                  EarlyStopping(monitor=p.monitor, mode=p.monitor_mode, patience=p.patience)]
     if p.progress_bar:
         callbacks.append(RichProgressBar())
-    L.seed_everything(p.seed, workers=True, verbose=False)
+    quiet_lightning()
+    # Metrics are logged per epoch only, so the step logging interval changes nothing but
+    # Lightning's warning that small datasets have fewer batches than it.
     trainer = L.Trainer(default_root_dir=fold_dir, callbacks=callbacks, logger=logger or False,
                         enable_progress_bar=p.progress_bar, enable_model_summary=False,
-                        num_sanity_val_steps=0, **p.trainer_kwargs())
+                        num_sanity_val_steps=0, log_every_n_steps=1, **p.trainer_kwargs())
     resumed = last.exists()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resumed else None)
     best = checkpoint.best_model_path or None  # None under fast_dev_run (no checkpoints)

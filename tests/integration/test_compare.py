@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from scipy import stats
 
 from pipeline import compare, tracking
 from tests.conftest import REPO
+from tests.integration.repo import processes_in, reduced_repo
 
 N_FILES = 24
 CLASSES = ["bad", "good"]
@@ -193,69 +193,12 @@ REDUCED_PARAMS = yaml.safe_load((REPO / "tests" / "reduced_params.yaml").read_te
 MAKE_TIMEOUT_S = 1500
 
 
-def sh(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
-def processes_in(folder: Path) -> list[int]:
-    """PIDs of processes whose working directory is ``folder`` or below (the DVC queue worker)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cwd = Path(os.readlink(proc / "cwd"))
-            except OSError:
-                continue
-            if (cwd == folder or folder in cwd.parents) and int(proc.name) != os.getpid():
-                pids.append(int(proc.name))
-    return pids
-
-
-def reduced_repo(dest: Path, repo_root: Path, corpus_dir: Path, env: dict[str, str], write_params) -> Path:
-    """A tmp git + DVC repo: the Makefile, the stages up to register, reduced params, the reduced
-    default corpus committed as data.dvc, and .venv linked to this interpreter's venv."""
-    dest.mkdir(parents=True)
-    for name in ("Makefile", "pyproject.toml", "requirements.lock", ".gitignore", ".dvcignore"):
-        shutil.copy2(repo_root / name, dest / name)
-    shutil.copytree(repo_root / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())
-    missing = set(PIPELINE_STAGES) - set(stages["stages"])
-    assert not missing, f"dvc.yaml lacks stage(s) {sorted(missing)}"
-    stages["stages"] = {k: v for k, v in stages["stages"].items() if k in PIPELINE_STAGES}
-    (dest / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
-    write_params(dest / "params.yaml", REDUCED_PARAMS)
-    venv = Path(sys.prefix)
-    assert (venv / "bin" / "dvc").exists(), f"{venv} is not the project's virtual environment"
-    (dest / ".venv").symlink_to(venv, target_is_directory=True)
-
-    sh(["git", "init", "-q"], dest, env)
-    sh(["git", "config", "user.email", "tests@soundline.invalid"], dest, env)
-    sh(["git", "config", "user.name", "soundline tests"], dest, env)
-    with (dest / ".git" / "info" / "exclude").open("a") as exclude:
-        exclude.write(".venv\n")  # a symlink: the .gitignore pattern `.venv/` matches directories only
-    sh(["dvc", "init", "-q"], dest, env)
-    sh(["dvc", "config", "core.analytics", "false"], dest, env)
-    shutil.copytree(corpus_dir, dest / "data" / "raw")
-    sh(["dvc", "add", "-q", "data/raw"], dest, env)
-    # the repo keeps the recordings' pointer at the root as data.dvc (path: data/raw)
-    pointer = yaml.safe_load((dest / "data" / "raw.dvc").read_text())
-    pointer["outs"][0]["path"] = "data/raw"
-    (dest / "data.dvc").write_text(yaml.safe_dump(pointer, sort_keys=False))
-    (dest / "data" / "raw.dvc").unlink()
-    assert "Data and pipelines are up to date" in sh(["dvc", "status", "data.dvc"], dest, env)
-    sh(["git", "add", "-A"], dest, env)
-    sh(["git", "commit", "-q", "-m", "reduced soundline"], dest, env)  # queued experiments need a commit
-    return dest
-
-
 @pytest.mark.slow
 def test_make_compare_on_the_reduced_corpus(tmp_path: Path, repo_root: Path, corpus_dir: Path,
                                            child_env: dict[str, str], params_writer,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     env = {k: v for k, v in child_env.items() if k not in ("MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME")}
-    repo = reduced_repo(tmp_path / "repo", repo_root, corpus_dir, env, params_writer)
+    repo = reduced_repo(tmp_path / "repo", corpus_dir, env, params_writer, REDUCED_PARAMS, PIPELINE_STAGES)
     uri = f"sqlite:///{repo / 'mlflow.db'}"  # what the Makefile exports by default, made explicit
     env.update(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
@@ -263,8 +206,8 @@ def test_make_compare_on_the_reduced_corpus(tmp_path: Path, repo_root: Path, cor
 
     start = time.monotonic()
     try:
-        # -o: never (re)install into the shared venv, whatever the timestamps say
-        proc = subprocess.run(["make", "-o", ".venv/.installed", "compare"], cwd=repo, env=env,
+        # -o install: never (re)install into the shared venv
+        proc = subprocess.run(["make", "-o", "install", "compare"], cwd=repo, env=env,
                               capture_output=True, text=True, timeout=MAKE_TIMEOUT_S)
     finally:
         subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=env, capture_output=True, timeout=120)
