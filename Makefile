@@ -50,17 +50,24 @@ serve: install
 	python -m serving.serve $(BENTO) --port $(PORT)
 
 # Four variants side by side (dvc exp run --queue), then the paired comparison table.
+# SEEDS=N runs each variant with train/pretrain seeds 0..N-1 (experiments <variant>-s<seed>); the
+# table then shows the seed-to-seed spread beside the variant differences.
 # Queued experiments run in temporary workspaces: MLflow must be an absolute URI.
 compare: export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 LABEL_FRACTION ?= 1.0
+SEEDS ?= 1
 COMPARE_SET ?= -S train.label_fraction=$(LABEL_FRACTION)
+VARIANTS = cnn cnn-focal mae-scratch mae-pretrained
+SET_cnn = -S train.model.arch=cnn
+SET_cnn-focal = -S train.model.arch=cnn -S train.loss=focal
+SET_mae-scratch = -S train.model.arch=mae -S train.init_from_pretrain=false
+SET_mae-pretrained = -S train.model.arch=mae -S train.init_from_pretrain=true
+queue = dvc exp run --queue -n $(1) $(COMPARE_SET) $(2) &&
 compare: corpus
-	dvc exp run --queue -n cnn $(COMPARE_SET) -S train.model.arch=cnn
-	dvc exp run --queue -n cnn-focal $(COMPARE_SET) -S train.model.arch=cnn -S train.loss=focal
-	dvc exp run --queue -n mae-scratch $(COMPARE_SET) -S train.model.arch=mae -S train.init_from_pretrain=false
-	dvc exp run --queue -n mae-pretrained $(COMPARE_SET) -S train.model.arch=mae -S train.init_from_pretrain=true
+	@test "$(SEEDS)" -ge 1 2>/dev/null || { echo "error: SEEDS must be a whole number >= 1, got '$(SEEDS)'"; exit 1; }
+	$(foreach v,$(VARIANTS),$(if $(filter 1,$(SEEDS)),$(call queue,$(v),$(SET_$(v))),$(foreach s,$(shell seq 0 $$(($(SEEDS) - 1))),$(call queue,$(v)-s$(s),-S train.seed=$(s) -S pretrain.seed=$(s) $(SET_$(v)))))) true
 	dvc exp run --run-all -j 1
-	python -m pipeline.compare --experiments cnn cnn-focal mae-scratch mae-pretrained
+	python -m pipeline.compare --experiments $(VARIANTS) --seeds $(SEEDS)
 
 test: install espeak
 	python -m pytest -n 2 $(PYTEST_ARGS)

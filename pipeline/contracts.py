@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.features import FeatureParams
+from pipeline.features import BandNorm, FeatureParams
 from pipeline.io import file_digest, write_json
 
 INDEX_COLUMNS = ("row", "path", "label", "group", "split", "fold", "energy", "duration_s")
@@ -53,6 +53,17 @@ class FeatureMeta(Contract):
     label_column: str
     shape: tuple[int, int, int]  # rows, n_mels, frames
     classes: list[str]  # sorted
+    # normalize: band: per-band statistics of the training rows of each fold ("fold_<k>": every
+    # training-split row outside fold k) and of the whole training split ("train")
+    band_norm: dict[str, BandNorm] | None = None
+
+    def fold_norm(self, key: str) -> BandNorm | None:
+        """The band statistics a model trained with ``key``'s rows uses (None unless normalize: band)."""
+        if self.features.normalize != "band":
+            return None
+        if not self.band_norm or key not in self.band_norm:
+            raise ValueError(f"meta.json has no band statistics for {key!r}; rerun the featurize stage")
+        return self.band_norm[key]
 
     @property
     def n_mels(self) -> int:
@@ -144,6 +155,7 @@ class ModelInfo(Contract):
     fold: str | None = None
     selection: str | None = None
     seed: int | None = None  # the train stage's seed
+    input_norm: BandNorm | None = None  # normalize: band: the statistics of its training rows
 
     def signature(self) -> dict:
         return task_signature(self.classes, self.features, self.label_column)
@@ -181,6 +193,7 @@ class PretrainInfo(Contract):
 
     spec: dict
     features: FeatureParams
+    input_norm: BandNorm | None = None
 
 
 @dataclass(frozen=True)

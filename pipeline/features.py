@@ -7,6 +7,7 @@ torch, which is where the speed over a per-file librosa loop comes from.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
@@ -35,7 +36,9 @@ class FeatureParams(Section):
     pad_mode: Literal["constant", "wrap"] = "constant"  # fill for short clips: zeros or repeat
     crop: Literal["start", "center"] = "center"  # which part of a long clip is kept
     top_db: float | None = Field(80.0, gt=0)
-    normalize: Literal["none", "per_clip", "fixed"] = "none"
+    # band: features stay in dB here; each mel band is standardised with the mean and std of the
+    # training rows (featurize computes them per fold, the model carries its fold's: BandNorm)
+    normalize: Literal["none", "per_clip", "fixed", "band"] = "none"
     norm_mean: float = 0.0  # used by normalize=fixed
     norm_std: float = Field(1.0, gt=0)
 
@@ -115,7 +118,10 @@ def power_to_db(power: torch.Tensor, params: FeatureParams) -> torch.Tensor:
 
 
 def normalize(db: torch.Tensor, params: FeatureParams) -> torch.Tensor:
-    """Apply the normalization policy to (B, n_mels, frames) dB features."""
+    """Apply the front end's normalization policy to (B, n_mels, frames) dB features.
+
+    ``band`` is not applied here: its statistics come from training data (:class:`BandNorm`).
+    """
     if params.normalize == "per_clip":
         mean = db.mean(dim=(-2, -1), keepdim=True)
         std = db.std(dim=(-2, -1), keepdim=True).clamp_min(1e-5)
@@ -152,6 +158,37 @@ def log_mel_batch(waves: list[np.ndarray] | np.ndarray, params: FeatureParams) -
 def log_mel(wave: np.ndarray, params: FeatureParams) -> np.ndarray:
     """Features of one mono wave: (n,) → (n_mels, frames); equals one row of :func:`log_mel_batch`."""
     return log_mel_batch([wave], params)[0][0]
+
+
+@dataclass(frozen=True)
+class BandNorm:
+    """Per-mel-band standardisation with statistics of training rows: (x - mean) / std per band."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, features: np.ndarray, rows: np.ndarray, batch: int = 512) -> BandNorm:
+        """Mean and std of each band over ``features[rows]`` (N, n_mels, frames), every frame counted."""
+        rows = np.sort(np.asarray(rows))
+        if len(rows) == 0:
+            raise ValueError("no rows to compute band statistics from")
+        total = np.zeros(features.shape[1])
+        squares = np.zeros(features.shape[1])
+        for start in range(0, len(rows), batch):
+            x = np.asarray(features[rows[start:start + batch]], np.float64)
+            total += x.sum(axis=(0, 2))
+            squares += np.square(x).sum(axis=(0, 2))
+        count = len(rows) * features.shape[2]
+        mean = total / count
+        std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+        return cls(tuple(mean.tolist()), tuple(np.maximum(std, 1e-5).tolist()))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """(..., n_mels, frames) -> the same shape, float32."""
+        mean = np.asarray(self.mean, np.float32)[:, None]
+        std = np.asarray(self.std, np.float32)[:, None]
+        return ((np.asarray(x, np.float32) - mean) / std).astype(np.float32, copy=False)
 
 
 class LogMel(torch.nn.Module):

@@ -3,6 +3,7 @@ so MLflow 3 details (URIs, retries, nested runs, logged models, aliases) stay in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -61,8 +62,10 @@ def configure() -> str:
     # like a hung stage for minutes; fail within seconds instead unless the user chose otherwise.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    # A stage downloads a handful of small artifacts; a progress bar per download is noise.
+    # A stage downloads a handful of small artifacts; a progress bar per download is noise, and
+    # so are the SQLite store's schema-creation lines on a first run.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -271,12 +271,11 @@ class Soundline:
         """One upload → the encoder embedding."""
         waves = await self._waves([audio], [upload_name(audio)])
         emb = await asyncio.to_thread(self._embed, waves)
-        return Embedding(embedding=emb.tolist(), dim=int(emb.numel()), **self.model_info)
+        return Embedding(embedding=emb.tolist(), dim=len(emb), **self.model_info)
 
-    def _embed(self, waves: np.ndarray) -> torch.Tensor:
+    def _embed(self, waves: np.ndarray) -> np.ndarray:
         feats = log_mel_batch(waves, self.features_params)[0]
-        with torch.no_grad():
-            return self.model.network.embed(torch.from_numpy(feats[:, None]))[0]
+        return self.model.embeddings(feats, np.arange(len(feats)))[0]
 
     @bentoml.api
     @client_errors

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pipeline.contracts import ModelFolder, ModelInfo, PretrainFolder
+from pipeline.features import BandNorm
 from pipeline.models.mae import AudioMAEViT
 from pipeline.models.networks import build_network
 
@@ -42,18 +43,20 @@ def prepare_for_inference(network: nn.Module) -> nn.Module:
     return network.to(memory_format=torch.channels_last)
 
 
-def batches(features: np.ndarray, rows: np.ndarray, batch_size: int) -> Iterator[Tensor]:
-    """(B, 1, n_mels, frames) float32 tensors of ``features[rows]`` in order."""
+def batches(features: np.ndarray, rows: np.ndarray, batch_size: int, norm: BandNorm | None = None) -> Iterator[Tensor]:
+    """(B, 1, n_mels, frames) float32 tensors of ``features[rows]`` in order, standardised by ``norm``."""
     for start in range(0, len(rows), batch_size):
-        yield torch.from_numpy(np.asarray(features[rows[start:start + batch_size]], dtype=np.float32))[:, None]
+        x = np.asarray(features[rows[start:start + batch_size]], dtype=np.float32)
+        yield torch.from_numpy(x if norm is None else norm.apply(x))[:, None]
 
 
 @torch.no_grad()
 def apply(fn: Callable[[Tensor], Tensor], model: nn.Module, features: np.ndarray, rows: np.ndarray,
-          batch_size: int = 64, mc_dropout: bool = False) -> np.ndarray:
+          batch_size: int = 64, mc_dropout: bool = False, norm: BandNorm | None = None) -> np.ndarray:
     """Concatenate ``fn(batch)`` over all rows with ``model`` in eval mode.
 
     ``mc_dropout`` leaves dropout layers sampling (Monte-Carlo dropout); all else stays in eval.
+    ``norm`` standardises each batch first (models trained with ``normalize: band``).
     """
     model.eval()
     if mc_dropout:
@@ -62,11 +65,11 @@ def apply(fn: Callable[[Tensor], Tensor], model: nn.Module, features: np.ndarray
                 module.train()
     if len(rows) == 0:
         return np.empty(0, np.float32)
-    return np.concatenate([fn(x).cpu().numpy() for x in batches(features, np.asarray(rows), batch_size)])
+    return np.concatenate([fn(x).cpu().numpy() for x in batches(features, np.asarray(rows), batch_size, norm)])
 
 
 def reconstruction_losses(mae: AudioMAEViT, features: np.ndarray, rows: np.ndarray, seed: int = 0,
-                          batch_size: int = 64) -> np.ndarray:
+                          batch_size: int = 64, norm: BandNorm | None = None) -> np.ndarray:
     """Per-clip masked-patch MSE (N,); masking is seeded, so a file always gets the same score."""
     generator = torch.Generator().manual_seed(seed)
 
@@ -74,22 +77,23 @@ def reconstruction_losses(mae: AudioMAEViT, features: np.ndarray, rows: np.ndarr
         _, pred, mask = mae(x, generator=generator)
         return mae.per_sample_loss(x, pred, mask)
 
-    return apply(loss, mae, features, rows, batch_size)
+    return apply(loss, mae, features, rows, batch_size, norm=norm)
 
 
 def probabilities(network: nn.Module, features: np.ndarray, rows: np.ndarray, binary: bool,
-                  batch_size: int = 64, mc_dropout: bool = False) -> np.ndarray:
+                  batch_size: int = 64, mc_dropout: bool = False, norm: BandNorm | None = None) -> np.ndarray:
     """(N,) P(positive) for a single-logit binary network, (N, K) softmax otherwise."""
     def probs(x: Tensor) -> Tensor:
         logits = network(x)
         return torch.sigmoid(logits.squeeze(-1)) if binary else logits.softmax(-1)
 
-    return apply(probs, network, features, rows, batch_size, mc_dropout)
+    return apply(probs, network, features, rows, batch_size, mc_dropout, norm)
 
 
-def embeddings(network: nn.Module, features: np.ndarray, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def embeddings(network: nn.Module, features: np.ndarray, rows: np.ndarray, batch_size: int = 64,
+               norm: BandNorm | None = None) -> np.ndarray:
     """(N, D) backbone embeddings."""
-    return apply(network.embed, network, features, rows, batch_size)
+    return apply(network.embed, network, features, rows, batch_size, norm=norm)
 
 
 def load_weights(network: nn.Module, path: Path) -> nn.Module:
@@ -100,10 +104,11 @@ def load_weights(network: nn.Module, path: Path) -> nn.Module:
     return network
 
 
-def load_pretrained_mae(folder: Path) -> AudioMAEViT:
-    """The pretrain stage's masked autoencoder, as trained."""
+def load_pretrained_mae(folder: Path) -> tuple[AudioMAEViT, BandNorm | None]:
+    """The pretrain stage's masked autoencoder, as trained, and its input statistics."""
     pretrained = PretrainFolder(folder)
-    return load_weights(build_network(pretrained.info().spec), pretrained.weights_path)
+    info = pretrained.info()
+    return load_weights(build_network(info.spec), pretrained.weights_path), info.input_norm
 
 
 @dataclass
@@ -135,13 +140,18 @@ class ExportedModel:
         return cls(network, info, cents)
 
     def class_probabilities(self, features: np.ndarray, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """(N, K) probabilities over ``classes`` (binary: columns [negative, positive])."""
+        """(N, K) probabilities over ``classes`` (binary: columns [negative, positive]) of feature
+        rows as the features folder or ``log_mel_batch`` hold them (standardised here if need be)."""
         if self.centroids is not None:
-            emb = torch.from_numpy(embeddings(self.network, features, rows, batch_size))
+            emb = torch.from_numpy(embeddings(self.network, features, rows, batch_size, self.info.input_norm))
             sims = torch.nn.functional.normalize(emb, dim=1) @ self.centroids.T
             return (sims * SIMILARITY_TEMPERATURE).softmax(-1).numpy()
-        probs = probabilities(self.network, features, rows, self.binary, batch_size)
+        probs = probabilities(self.network, features, rows, self.binary, batch_size, norm=self.info.input_norm)
         return np.stack([1 - probs, probs], axis=1) if self.binary else probs
+
+    def embeddings(self, features: np.ndarray, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """(N, D) backbone embeddings of feature rows (standardised here if need be)."""
+        return embeddings(self.network, features, rows, batch_size, self.info.input_norm)
 
     def mc_dropout_probabilities(self, features: np.ndarray, rows: np.ndarray, passes: int,
                                  seed: int = 0) -> np.ndarray:
@@ -150,8 +160,8 @@ class ExportedModel:
             raise ValueError("MC dropout intervals need a classifier; triplet models have no head")
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            runs = [probabilities(self.network, features, rows, self.binary, mc_dropout=True)
-                    for _ in range(passes)]
+            runs = [probabilities(self.network, features, rows, self.binary, mc_dropout=True,
+                                  norm=self.info.input_norm) for _ in range(passes)]
         self.network.eval()
         return np.stack([np.stack([1 - p, p], axis=1) if self.binary else p for p in runs])
 

@@ -44,7 +44,8 @@ def predictions_table(test: pd.DataFrame, probs: np.ndarray, classes: list[str],
 
 def mae_metrics(pretrained_dir: Path, features: np.ndarray, rows: np.ndarray, seed: int) -> dict:
     """Masked-patch reconstruction MSE and PSNR (peak = dynamic range of the test features)."""
-    mse = reconstruction_losses(load_pretrained_mae(pretrained_dir), features, rows, seed)
+    mae, norm = load_pretrained_mae(pretrained_dir)
+    mse = reconstruction_losses(mae, features, rows, seed, norm=norm)
     test = np.asarray(features[rows])
     return {"mae_mse": float(mse.mean()), "mae_psnr_db": float(psnr(mse, float(test.max() - test.min())).mean())}
 

@@ -19,7 +19,7 @@ from pydantic import Field
 from pipeline import audio
 from pipeline.config import Section, load_section
 from pipeline.contracts import FeatureMeta, FeaturesFolder
-from pipeline.features import FeatureParams, log_mel_batch
+from pipeline.features import BandNorm, FeatureParams, log_mel_batch
 from pipeline.io import atomic_dir
 from pipeline.parallel import chunked, pmap
 from pipeline.splits import SplitParams, assign, check_leakage
@@ -87,8 +87,22 @@ def run(raw_dir: Path, manifest_path: Path, p: FeaturizeParams, out_dir: Path) -
         folder.write(index, FeatureMeta(
             features=p.features, label_column=p.label_column,
             shape=(len(index), p.features.n_mels, p.features.frames),
-            classes=sorted(index["label"].unique())))
+            classes=sorted(index["label"].unique()),
+            band_norm=band_statistics(folder.array(), index) if p.features.normalize == "band" else None))
     return index
+
+
+def band_statistics(features: np.ndarray, index: pd.DataFrame) -> dict[str, BandNorm]:
+    """Per-band statistics of the training rows of each fold, and of the whole training split.
+
+    Fold k's model trains on the training split outside fold k, so its statistics never see
+    its validation rows, nor any test row.
+    """
+    train = index[index["split"] == "train"]
+    stats = {"train": BandNorm.fit(features, train["row"].to_numpy())}
+    for fold in sorted(train["fold"].unique()):
+        stats[f"fold_{fold}"] = BandNorm.fit(features, train.loc[train["fold"] != fold, "row"].to_numpy())
+    return stats
 
 
 def main(argv: list[str] | None = None) -> None:

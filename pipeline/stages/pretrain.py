@@ -52,9 +52,9 @@ def recon_summary(table: pd.DataFrame, bins: int) -> dict:
     return out
 
 
-def log_reconstructions(run: tracking.StageRun, mae: torch.nn.Module, features: np.ndarray, rows: np.ndarray) -> None:
-    """PNG of input / masked / reconstruction for a few clips."""
-    x = torch.from_numpy(np.asarray(features[rows], dtype=np.float32))[:, None]
+def log_reconstructions(run: tracking.StageRun, mae: torch.nn.Module, clips: np.ndarray) -> None:
+    """PNG of input / masked / reconstruction for a few (n_mels, frames) clips, as the MAE sees them."""
+    x = torch.from_numpy(np.asarray(clips, dtype=np.float32))[:, None]
     mae.eval()
     with torch.no_grad():
         _, pred, mask = mae(x)
@@ -81,7 +81,8 @@ def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, reco
     prepare_workdir(work, fingerprint(p.model_dump(), folder.content_id(),
                                       train["path"].tolist(), val["path"].tolist()))
     coder = LabelCoder(meta.classes, meta.classes[0])  # targets are unused by the MAE loss
-    datamodule = FeatureDataModule(folder.array_path, coder, train, val, None, p.trainer)
+    norm = meta.fold_norm(f"fold_{p.val_fold}")
+    datamodule = FeatureDataModule(folder.array_path, coder, train, val, None, p.trainer, norm=norm)
     with tracking.stage_run("pretrain", p) as stage:
         tracking.write_run_id(run_file, stage)
         module = MAEModule(network, p.trainer)
@@ -90,7 +91,7 @@ def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, reco
         load_weights(network, work / "pretrain" / "model.safetensors")
         features = folder.array()
         losses = reconstruction_losses(network, features, index["row"].to_numpy(), p.seed,
-                                       p.trainer.batch_size)
+                                       p.trainer.batch_size, norm)
         table = pd.DataFrame({"filename": index["path"], "reconstruction_loss": losses,
                               "signal_energy": index["energy"]})
         in_train = index["path"].isin(train["path"])
@@ -104,7 +105,7 @@ def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, reco
         with atomic_dir(model_dir) as tmp:
             out = PretrainFolder(tmp)
             save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(out.weights_path))
-            out.write_info(PretrainInfo(spec=spec, features=meta.features))
+            out.write_info(PretrainInfo(spec=spec, features=meta.features, input_norm=norm))
             (tmp / "model_summary.txt").write_text(str(ModelSummary(module, max_depth=2)))
             (tmp / "config_used.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
         stage.log_metrics({f"final/{k}": v for k, v in result["metrics"].items()})
@@ -112,7 +113,8 @@ def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, reco
         stage.log_artifact(model_dir / "model_summary.txt")
         stage.log_artifact(model_dir / "config_used.yaml")
         stage.log_artifact(recon_dir)
-        log_reconstructions(stage, network, features, val["row"].to_numpy()[:4] if len(val) else train["row"].to_numpy()[:4])
+        clips = features[np.sort(val["row"].to_numpy()[:4] if len(val) else train["row"].to_numpy()[:4])]
+        log_reconstructions(stage, network, clips if norm is None else norm.apply(clips))
         history = read_history(work / "pretrain" / "history.csv")
         if not history.empty:
             stage.log_figure(plots.learning_curves(history, ["train/loss", "val/loss"]), "plots/learning_curves.png")

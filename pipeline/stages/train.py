@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from pipeline import plots, tracking
 from pipeline.config import Section, load_section
 from pipeline.contracts import FeaturesFolder, ModelFolder, ModelInfo, PretrainFolder
+from pipeline.features import BandNorm
 from pipeline.io import atomic_dir, file_digest, write_csv, write_json
 from pipeline.models.inference import embeddings, load_weights
 from pipeline.models.networks import ModelParams, backbone_of, build_network, make_spec
@@ -91,9 +92,10 @@ def make_module(p: TrainParams, spec: dict, coder: LabelCoder, train: pd.DataFra
     return ClassifierModule(network, p.trainer, loss, coder.num_outputs, p.specaugment)
 
 
-def centroids(module, features: np.ndarray, train: pd.DataFrame, coder: LabelCoder) -> dict[str, np.ndarray]:
+def centroids(module, features: np.ndarray, train: pd.DataFrame, coder: LabelCoder,
+              norm: BandNorm | None) -> dict[str, np.ndarray]:
     """Triplet models classify by the nearest class centroid of normalized training embeddings."""
-    emb = embeddings(module.network, features, train["row"].to_numpy())
+    emb = embeddings(module.network, features, train["row"].to_numpy(), norm=norm)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
     targets = coder.encode(train["label"])
     return {"centroids": np.stack([emb[targets == t].mean(axis=0) for t in range(len(coder.order))])}
@@ -136,7 +138,7 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
             seed_all(p.seed)
             module = make_module(p, spec, coder, train, pretrained)
             datamodule = FeatureDataModule(folder.array_path, coder, train, val, None, p.trainer,
-                                           oversample=p.oversample_minority)
+                                           oversample=p.oversample_minority, norm=meta.fold_norm(f"fold_{fold}"))
             with stage.child(f"fold_{fold}", {"fold": int(fold), "train_files": len(train), "val_files": len(val)}) as child:
                 result = fit_fold(f"fold_{fold}", module, datamodule, p.trainer, work / f"fold_{fold}",
                                   tracking.lightning_logger(child))
@@ -144,7 +146,7 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
             if p.mode == "triplet" and not (work / f"fold_{fold}" / "centroids.safetensors").exists():
                 load_weights(module.network, work / f"fold_{fold}" / "model.safetensors")
                 save_file({k: torch.from_numpy(v) for k, v in
-                           centroids(module, features, train, coder).items()},
+                           centroids(module, features, train, coder, meta.fold_norm(f"fold_{fold}")).items()},
                           str(work / f"fold_{fold}" / "centroids.safetensors"))
             results.append(result)
         summary = summarize(results, p.trainer)
@@ -161,7 +163,7 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
                 spec=spec, mode=p.mode, classes=coder.order, binary=coder.binary,
                 positive_class=p.positive_class, features=meta.features, label_column=meta.label_column,
                 fold=best, selection=f"best fold by {p.trainer.monitor} ({p.trainer.monitor_mode})",
-                seed=p.seed))
+                seed=p.seed, input_norm=meta.fold_norm(best)))
             (tmp / "config_used.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
             (tmp / "model_summary.txt").write_text(str(ModelSummary(module, max_depth=2)))
         write_csv(curves_out, history)

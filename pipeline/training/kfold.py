@@ -80,6 +80,15 @@ class ReseedEachEpoch(Callback):
         seed_all(self.seed + trainer.current_epoch)
 
 
+class ProgressBar(RichProgressBar):
+    """Lightning's rich bar without the logger's run id (``v_num``), which says nothing here."""
+
+    def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
 class EpochHistory(Callback):
     """Append the epoch's logged metrics to a CSV (kept across resumes; learning curves)."""
 
@@ -121,7 +130,7 @@ def fit_fold(name: str, module: L.LightningModule, datamodule: L.LightningDataMo
     callbacks: list[Callback] = [checkpoint, EpochHistory(fold_dir / "history.csv", name), ReseedEachEpoch(p.seed),
                                  EarlyStopping(monitor=p.monitor, mode=p.monitor_mode, patience=p.patience)]
     if p.progress_bar:
-        callbacks.append(RichProgressBar())
+        callbacks.append(ProgressBar())
     quiet_lightning()
     # Metrics are logged per epoch only, so the step logging interval changes nothing but
     # Lightning's warning that small datasets have fewer batches than it.

@@ -132,6 +132,40 @@ def test_compare_writes_tables_and_bonferroni_pairs(fake_runs: dict[str, np.ndar
         assert name in printed
 
 
+def test_seeds_pool_per_file_scores_and_show_the_seed_spread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two variants x two seeds (experiments <variant>-s<seed>): pairs matched by (seed, file)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "compare-seeds")
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(1)
+    weak = {s: rng.uniform(0.35, 0.6, N_FILES) for s in range(2)}
+    strong = {s: np.clip(weak[s] + 0.2 + 0.1 * s, 0, 0.99) for s in range(2)}  # seed 1 gains more
+    accuracy = {"weak": [0.5, 0.6], "strong": [0.8, 0.9]}
+    for variant, per_seed in (("weak", weak), ("strong", strong)):
+        for seed, p_true in per_seed.items():
+            folder = tmp_path / f"{variant}-s{seed}"
+            folder.mkdir()
+            predictions(p_true).to_csv(folder / "predictions.csv", index=False)
+            with tracking.stage_run("evaluate", {}, tags={tracking.TAG_DVC_EXPERIMENT: f"{variant}-s{seed}"}) as run:
+                run.log_metrics({"test/files/accuracy": accuracy[variant][seed]})
+                run.log_artifact(folder / "predictions.csv")
+    out = tmp_path / "compared"
+    compare.main(["--experiments", "strong", "weak", "--seeds", "2", "--metrics", "accuracy", "--out", str(out)])
+    variants = pd.read_csv(out / "variants.csv").set_index("variant")
+    assert variants.loc["strong", "seeds"] == 2 and variants.loc["strong", "accuracy"] == pytest.approx(0.85)
+    assert variants.loc["strong", "accuracy_seed_sd"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    pairs = pd.read_csv(out / "pairs.csv")
+    assert pairs.loc[0, "n"] == 2 * N_FILES  # one pair per (seed, file)
+    logged = {f"{v}-s{s}": compare.true_class_scores(pd.read_csv(tmp_path / f"{v}-s{s}" / "predictions.csv"), "files")
+              for v in ("weak", "strong") for s in range(2)}
+    pooled = {v: np.concatenate([logged[f"{v}-s{s}"].to_numpy() for s in range(2)]) for v in ("weak", "strong")}
+    assert pairs.loc[0, "mean_diff"] == pytest.approx((pooled["weak"] - pooled["strong"]).mean())  # b - a
+    assert pairs.loc[0, "p_value"] == pytest.approx(stats.wilcoxon(pooled["weak"], pooled["strong"]).pvalue)
+    per_seed = [(logged[f"weak-s{s}"] - logged[f"strong-s{s}"]).mean() for s in range(2)]
+    assert pairs.loc[0, "seed_sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert "mean ± sd over 2 seeds" in (out / "compare.md").read_text()
+
+
 def test_compare_by_group_uses_group_means(fake_runs: dict[str, np.ndarray], tmp_path: Path) -> None:
     compare.main(["--experiments", "strong", "weak", "--level", "groups", "--out", str(tmp_path / "g")])
     pairs = pd.read_csv(tmp_path / "g" / "pairs.csv")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import librosa
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from pydantic import ValidationError
@@ -190,3 +191,42 @@ def test_log_mel_matches_the_stored_librosa_reference() -> None:
 
 def test_librosa_reference_file_is_small() -> None:
     assert REFERENCE.stat().st_size < 100_000
+
+
+# --- per-band normalisation from training rows only ------------------------------------------
+
+def _index_with_folds() -> pd.DataFrame:
+    # 12 rows: 4 test, 8 train in folds 0/1
+    return pd.DataFrame({"row": np.arange(12), "split": ["test"] * 4 + ["train"] * 8,
+                         "fold": [-1] * 4 + [0, 0, 0, 0, 1, 1, 1, 1]})
+
+
+def test_band_statistics_never_see_test_or_validation_rows() -> None:
+    from pipeline.stages.featurize import band_statistics
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 4, 10)).astype(np.float32)
+    index = _index_with_folds()
+    stats = band_statistics(x, index)
+    assert set(stats) == {"train", "fold_0", "fold_1"}
+    fold0_training = x[8:12]  # fold 0 validates on rows 4..7: its model trains on fold 1 only
+    np.testing.assert_allclose(stats["fold_0"].mean, fold0_training.mean(axis=(0, 2)), rtol=1e-6)
+    np.testing.assert_allclose(stats["fold_0"].std, fold0_training.std(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(stats["train"].mean, x[4:].mean(axis=(0, 2)), rtol=1e-6)
+    poisoned = x.copy()
+    poisoned[:8] = 1e6  # test rows and fold 0's validation rows
+    assert band_statistics(poisoned, index)["fold_0"] == stats["fold_0"]
+
+
+def test_band_norm_standardises_each_band() -> None:
+    from pipeline.features import BandNorm
+
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(50, 3, 20)) * np.array([1.0, 5.0, 20.0])[:, None] + np.array([-60, -30, 0])[:, None])
+    norm = BandNorm.fit(x, np.arange(50))
+    z = norm.apply(x)
+    np.testing.assert_allclose(z.mean(axis=(0, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=(0, 2)), 1, atol=1e-4)
+    assert z.dtype == np.float32 and z.shape == x.shape
+    with pytest.raises(ValueError, match="no rows"):
+        BandNorm.fit(x, np.array([], dtype=int))
