@@ -34,6 +34,7 @@ from pathlib import Path
 
 import librosa
 import numpy as np
+import pandas as pd
 import soundfile as sf
 from threadpoolctl import threadpool_limits
 
@@ -42,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import audio  # noqa: E402
 from pipeline.config import load_section  # noqa: E402
+from pipeline.contracts import FeaturesFolder  # noqa: E402
 from pipeline.features import FeatureParams, fit_length, log_mel_batch  # noqa: E402
 from pipeline.stages.featurize import FeaturizeParams, featurize  # noqa: E402
 from pipeline.parallel import resolve_workers  # noqa: E402
@@ -81,8 +83,9 @@ def librosa_loop(paths: list[Path], p: FeatureParams) -> np.ndarray:
 
 
 def ours(names: list[str], fp: FeaturizeParams, tmp: Path) -> np.ndarray:
-    featurize(FSDD, names, fp.features, 0, fp.chunk, tmp / "features.npy")
-    return np.load(tmp / "features.npy")
+    index = pd.DataFrame({"file": names})  # one row per file (no segments)
+    featurize(FSDD, index, fp.features, None, 0, fp.chunk, FeaturesFolder(tmp))
+    return FeaturesFolder(tmp).array()
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float], object]:

@@ -57,7 +57,8 @@ def main() -> None:
                                                      patience=8, progress_bar=False, batch_size=64))
         summary = train.run(work / "features", work / "ignored.csv", work / "none", tp, work / "train_work",
                             work / "model", work / "curves.csv", work / "train_run.json")
-        out = {"metrics": work / "eval.json", "predictions": work / "pred.csv", "groups": work / "groups.csv",
+        out = {"metrics": work / "eval.json", "predictions": work / "pred.csv", "segments": work / "segments.csv",
+               "groups": work / "groups.csv",
                "plots": work / "plots", "run_id": work / "eval_run.json"}
         metrics = evaluate.run(work / "features", work / "ignored.csv", work / "model", work / "none",
                                evaluate.EvaluateParams(), out)

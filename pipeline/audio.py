@@ -151,6 +151,11 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
     return samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
 
 
+def resampled_length(frames: int, orig_sr: int, target_sr: int) -> int:
+    """Samples that :func:`resample` returns for ``frames`` samples at ``orig_sr``."""
+    return frames if orig_sr == target_sr else int(np.ceil(frames * target_sr / orig_sr))
+
+
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """Resample a mono float32 wave; a no-op copy-free return when the rates match."""
     if orig_sr == target_sr:
@@ -158,7 +163,7 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     # librosa.resample(res_type="soxr_hq") without its per-axis loop: the same soxr call, then
     # its length, ceil(n * ratio) (soxr may give one sample less), so features match librosa's.
     out = soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
-    n = int(np.ceil(len(wave) * target_sr / orig_sr))
+    n = resampled_length(len(wave), orig_sr, target_sr)
     return out[:n] if len(out) >= n else np.pad(out, (0, n - len(out)))
 
 

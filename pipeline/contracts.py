@@ -23,10 +23,12 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.features import BandNorm, FeatureParams
+from pipeline.features import BandNorm, FeatureParams, SegmentParams
 from pipeline.io import file_digest, write_json
 
-INDEX_COLUMNS = ("row", "path", "label", "group", "split", "fold", "energy", "duration_s")
+# path: the row's key (the file, or "<file>#<segment>" with featurize.segment); file: the recording
+INDEX_COLUMNS = ("row", "path", "file", "segment", "start_s", "label", "group", "split", "fold", "energy",
+                 "duration_s")
 MODEL_ARTIFACT = "soundline_model"  # the model folder as an MLflow run artifact (register logs it)
 
 
@@ -53,6 +55,7 @@ class FeatureMeta(Contract):
     label_column: str
     shape: tuple[int, int, int]  # rows, n_mels, frames
     classes: list[str]  # sorted
+    segment: SegmentParams | None = None  # rows are windows of the files (featurize.segment)
     # normalize: band: per-band statistics of the training rows of each fold ("fold_<k>": every
     # training-split row outside fold k) and of the whole training split ("train")
     band_norm: dict[str, BandNorm] | None = None
@@ -70,21 +73,23 @@ class FeatureMeta(Contract):
         return self.shape[1]
 
     def signature(self) -> dict:
-        return task_signature(self.classes, self.features, self.label_column)
+        return task_signature(self.classes, self.features, self.label_column, self.segment)
 
     @property
     def frames(self) -> int:
         return self.shape[2]
 
 
-def task_signature(classes: list[str], features: FeatureParams, label_column: str | None) -> dict:
+def task_signature(classes: list[str], features: FeatureParams, label_column: str | None,
+                   segment: SegmentParams | None = None) -> dict:
     """What makes two models answer the same question: classes, target column, feature front end.
 
     A model trained for another signature cannot be compared with, or replace, one of this
     signature (see the register stage's champion gate and the package stage).
     """
-    return {"classes": sorted(classes), "label_column": label_column,
-            "features": features.model_dump(mode="json")}
+    signature = {"classes": sorted(classes), "label_column": label_column,
+                 "features": features.model_dump(mode="json")}
+    return signature if segment is None else {**signature, "segment": segment.model_dump(mode="json")}
 
 
 def signature_id(signature: dict) -> str:
@@ -156,9 +161,10 @@ class ModelInfo(Contract):
     selection: str | None = None
     seed: int | None = None  # the train stage's seed
     input_norm: BandNorm | None = None  # normalize: band: the statistics of its training rows
+    segment: SegmentParams | None = None  # a file is scored as windows, aggregated (featurize.segment)
 
     def signature(self) -> dict:
-        return task_signature(self.classes, self.features, self.label_column)
+        return task_signature(self.classes, self.features, self.label_column, self.segment)
 
 
 @dataclass(frozen=True)
@@ -179,10 +185,20 @@ class ModelFolder:
     def centroids_path(self) -> Path:
         return self.path / "centroids.safetensors"
 
-    files = ("model.json", "model.safetensors", "centroids.safetensors")
+    @property
+    def training_files_path(self) -> Path:
+        return self.path / "training_files.csv"
+
+    files = ("model.json", "model.safetensors", "centroids.safetensors")  # what the service needs
 
     def info(self) -> ModelInfo:
         return _read(ModelInfo, self.info_path)
+
+    def training_files(self) -> pd.DataFrame:
+        """The files (path, label) the exported weights were trained on (the baseline fits on them)."""
+        if not self.training_files_path.exists():
+            raise FileNotFoundError(f"{self.training_files_path}: not found; rerun the train stage")
+        return pd.read_csv(self.training_files_path, dtype=str, keep_default_na=False)
 
     def write_info(self, info: ModelInfo) -> None:
         write_json(self.info_path, info.model_dump(mode="json"))

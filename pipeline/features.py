@@ -57,6 +57,45 @@ class FeatureParams(Section):
         return (self.frames - 1) * self.hop_length
 
 
+class SegmentParams(Section):
+    """Long recordings as consecutive windows (``featurize.segment``): each window is one row,
+    padded or cropped to the clip length like any clip; a file's prediction aggregates them."""
+
+    window_s: float = Field(gt=0)
+    hop_s: float = Field(gt=0)
+    aggregate: Literal["mean", "median", "vote"] = "mean"  # segment probabilities -> the file's
+
+    def starts(self, n_samples: int, sample_rate: int) -> np.ndarray:
+        """Start samples of the windows over ``n_samples``: every window lies inside the wave but
+        the last, which may run past its end (and is zero-padded); at least one window."""
+        window, hop = round(self.window_s * sample_rate), round(self.hop_s * sample_rate)
+        return np.arange(1 + max(0, -(-(n_samples - window) // hop))) * hop
+
+    def windows(self, wave: np.ndarray, sample_rate: int) -> list[np.ndarray]:
+        """The windows of a mono wave, in order."""
+        window = round(self.window_s * sample_rate)
+        return [wave[start:start + window] for start in self.starts(len(wave), sample_rate)]
+
+
+def aggregate_segments(probs: np.ndarray, files: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) segment probabilities of ``files`` (N,) -> (the files in first-seen order, (F, K)).
+
+    ``mean``/``median``: of each class's probability; ``vote``: the share of the file's segments
+    that predict each class (a tie goes to the first class in order).
+    """
+    order = list(dict.fromkeys(files))
+    position = {f: i for i, f in enumerate(order)}
+    which = np.array([position[f] for f in files])
+    out = np.zeros((len(order), probs.shape[1]))
+    for i in range(len(order)):
+        mine = probs[which == i]
+        if how == "vote":
+            out[i] = np.bincount(mine.argmax(axis=1), minlength=probs.shape[1]) / len(mine)
+        else:
+            out[i] = mine.mean(axis=0) if how == "mean" else np.median(mine, axis=0)
+    return np.asarray(order), out
+
+
 def fit_length(wave: np.ndarray, params: FeatureParams, out: np.ndarray | None = None) -> np.ndarray:
     """Pad or crop a mono wave (n,) to ``params.clip_samples`` by the pad/crop policy.
 

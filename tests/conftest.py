@@ -75,6 +75,7 @@ def write_synthetic_features(out: Path, n_groups: int = 8, per_group: int = 6, n
     index[["split", "fold"]] = assign(index["label"], index["group"],
                                       SplitParams(test_fraction=0.25, n_folds=n_folds, seed=split_seed))
     index["energy"] = rng.uniform(0.01, 0.1, n).astype(np.float32)
+    index[["file", "segment", "start_s"]] = index[["path"]].assign(segment=0, start_s=0.0)
     index.to_parquet(out / "index.parquet", index=False)
     features = {"sample_rate": 16000, "n_fft": 512, "win_length": None, "hop_length": 160,
                 "n_mels": SYNTH_N_MELS, "fmin": 0.0, "fmax": None, "frames": SYNTH_FRAMES,

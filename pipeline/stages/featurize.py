@@ -19,9 +19,9 @@ from pydantic import Field
 from pipeline import audio
 from pipeline.config import Section, load_section
 from pipeline.contracts import FeatureMeta, FeaturesFolder
-from pipeline.features import BandNorm, FeatureParams, log_mel_batch
+from pipeline.features import BandNorm, FeatureParams, SegmentParams, log_mel_batch
 from pipeline.io import atomic_dir
-from pipeline.parallel import chunked, pmap
+from pipeline.parallel import pmap
 from pipeline.splits import SplitParams, assign, check_leakage
 
 
@@ -29,20 +29,28 @@ class FeaturizeParams(Section):
     label_column: str = "label"
     seed: int = 0  # the splits' (params.yaml's top-level seed unless set here)
     features: FeatureParams = FeatureParams()
+    segment: SegmentParams | None = None  # None: one clip per file (cropped/padded to `frames`)
     split: SplitParams = SplitParams()
     workers: int = 0  # 0: all cores
     chunk: int = Field(64, gt=0)  # files per worker task (one batched STFT each)
 
 
-def _featurize_chunk(task: tuple[Path, list[str], FeatureParams, Path, int]) -> np.ndarray:
-    """Write the features of one chunk into its rows of the shared .npy; return their energies.
+def _featurize_chunk(task: tuple[Path, list[str], list[int], FeatureParams, SegmentParams | None, Path, int]) -> np.ndarray:
+    """Write the features of one chunk of files (all their segments) into their rows of the shared
+    .npy; return their energies.
 
-    Workers write in place rather than sending ~33 kB per clip back through a pipe, which
-    would leave the parent process copying while the cores wait.
+    Workers write in place rather than sending every row back through a pipe, which would leave
+    the parent process copying while the cores wait.
     """
-    raw_dir, paths, params, out, start = task
+    raw_dir, paths, counts, params, segment, out, start = task
     torch.set_num_threads(1)  # one process per core already; more threads would oversubscribe
-    waves = [audio.load(raw_dir / p, params.sample_rate, name=p) for p in paths]
+    waves = []
+    for path, count in zip(paths, counts):
+        wave = audio.load(raw_dir / path, params.sample_rate, name=path)
+        windows = segment.windows(wave, params.sample_rate) if segment else [wave]
+        if len(windows) != count:
+            raise ValueError(f"{path}: {len(wave)} samples decoded, the header promised {count} segments")
+        waves += windows
     feats, energy = log_mel_batch(waves, params)
     array = np.load(out, mmap_mode="r+")
     # A shared mapping: the rows are in the file once written; no msync per chunk.
@@ -50,29 +58,41 @@ def _featurize_chunk(task: tuple[Path, list[str], FeatureParams, Path, int]) -> 
     return energy
 
 
-def featurize(raw_dir: Path, paths: list[str], params: FeatureParams, workers: int,
-              chunk: int, out: FeaturesFolder) -> np.ndarray:
-    """Write features of ``paths`` into ``out``'s array (memory-mapped); return their energies."""
-    out.create_array(len(paths), params.n_mels, params.frames)  # the workers fill in the rows
+def featurize(raw_dir: Path, index: pd.DataFrame, params: FeatureParams, segment: SegmentParams | None,
+              workers: int, chunk: int, out: FeaturesFolder) -> np.ndarray:
+    """Write the features of every row of ``index`` (files in order, their segments consecutive)
+    into ``out``'s array (memory-mapped); return their energies."""
+    out.create_array(len(index), params.n_mels, params.frames)  # the workers fill in the rows
     # One clip here first: forked workers then inherit the filterbank, the FFT plan and
     # librosa's lazily imported modules instead of each paying for them on its first chunk.
     log_mel_batch([np.zeros(params.clip_samples, np.float32)], params)
-    tasks = [(raw_dir, list(c), params, out.array_path, i * chunk) for i, c in enumerate(chunked(paths, chunk))]
+    per_file = index.groupby("file", sort=False).size()
+    files, counts = per_file.index.tolist(), per_file.tolist()
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    tasks = [(raw_dir, files[i:i + chunk], counts[i:i + chunk], params, segment, out.array_path, int(offsets[i]))
+             for i in range(0, len(files), chunk)]
     energies = pmap(_featurize_chunk, tasks, workers, "featurize", chunk=1)
     return np.concatenate(energies) if energies else np.empty(0, np.float32)
 
 
 def build_index(manifest: pd.DataFrame, p: FeaturizeParams) -> pd.DataFrame:
+    """One row per clip, or per segment of each file: splits are drawn per file, by group."""
     if p.label_column not in manifest.columns:
         raise ValueError(f"manifest has no column '{p.label_column}' (featurize.label_column)")
-    index = pd.DataFrame({
-        "row": np.arange(len(manifest)), "path": manifest["path"].to_numpy(),
-        "label": manifest[p.label_column].astype(str).to_numpy(),
-        "group": manifest["group"].astype(str).to_numpy(),
-        "duration_s": manifest["duration_s"].to_numpy(dtype=float),
+    files = pd.DataFrame({
+        "file": manifest["path"].to_numpy(), "label": manifest[p.label_column].astype(str).to_numpy(),
+        "group": manifest["group"].astype(str).to_numpy(), "duration_s": manifest["duration_s"].to_numpy(dtype=float),
     })
-    index[["split", "fold"]] = assign(index["label"], index["group"], p.split)
-    check_leakage(index)
+    files[["split", "fold"]] = assign(files["label"], files["group"], p.split)
+    rate = p.features.sample_rate
+    starts = [p.segment.starts(audio.resampled_length(round(d * sr), int(sr), rate), rate) if p.segment else [0]
+              for d, sr in zip(manifest["duration_s"], manifest["sample_rate"])]
+    index = files.loc[files.index.repeat([len(s) for s in starts])].reset_index(drop=True)
+    index["segment"] = np.concatenate([np.arange(len(s)) for s in starts]) if starts else []
+    index["start_s"] = np.concatenate(starts) / rate if starts else []
+    index["path"] = (index["file"] + "#" + index["segment"].astype(str).str.zfill(4)) if p.segment else index["file"]
+    index.insert(0, "row", np.arange(len(index)))
+    check_leakage(index)  # per row: no segment of a group lands in two places
     return index
 
 
@@ -83,9 +103,9 @@ def run(raw_dir: Path, manifest_path: Path, p: FeaturizeParams, out_dir: Path) -
     index = build_index(manifest, p)
     with atomic_dir(out_dir) as tmp:
         folder = FeaturesFolder(tmp)
-        index["energy"] = featurize(raw_dir, index["path"].tolist(), p.features, p.workers, p.chunk, folder)
+        index["energy"] = featurize(raw_dir, index, p.features, p.segment, p.workers, p.chunk, folder)
         folder.write(index, FeatureMeta(
-            features=p.features, label_column=p.label_column,
+            features=p.features, label_column=p.label_column, segment=p.segment,
             shape=(len(index), p.features.n_mels, p.features.frames),
             classes=sorted(index["label"].unique()),
             band_norm=band_statistics(folder.array(), index) if p.features.normalize == "band" else None))

@@ -38,7 +38,7 @@ def check_task(info: ModelInfo, features: FeaturesFolder, name: str, version: st
     """Refuse a model whose classes or feature parameters are not those of the current features."""
     mine, current = info.signature(), features.meta().signature()
     if mine != current:
-        differs = ", ".join(k for k in mine if mine[k] != current[k])
+        differs = ", ".join(k for k in mine | current if mine.get(k) != current.get(k))
         raise ValueError(f"{name} v{version} differs from {features.meta_path} in {differs}: "
                          "it was trained for another task and would serve its labels; run dvc repro "
                          "through register for the current data")
@@ -87,7 +87,8 @@ def run(decision_file: Path, features_dir: Path, p: PackageParams, bento_out: Pa
     name, alias = decision["model"], decision["alias"]
     version = tracking.get_alias_version(name, alias)
     if version is None:
-        raise ValueError(f"no version holds alias {name}@{alias}: run dvc repro through register first")
+        raise ValueError(f"no version of {name} holds @{alias}, nothing to package: register decided "
+                         f"\"{decision.get('why')}\" ({decision_file})")
     run_id = tracking.version_run_id(name, version)
     with tempfile.TemporaryDirectory() as tmp:
         folder = tracking.download_artifact(run_id, MODEL_ARTIFACT, Path(tmp))

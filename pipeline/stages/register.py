@@ -25,39 +25,25 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import Field
-from sklearn import metrics as skm
 
 from pipeline import tracking
-from pipeline.config import Section, load_section
+from pipeline.config import load_section
 from pipeline.contracts import MODEL_ARTIFACT, FeaturesFolder, ModelFolder, ModelInfo, signature_id
+from pipeline.gate import GateParams, baseline_gate, champion_gate
 from pipeline.io import atomic_path, write_json
 from pipeline.models.inference import ExportedModel
-from pipeline.stats import mcnemar_exact, paired_bootstrap
-
-METRICS = {"accuracy": skm.accuracy_score, "balanced_accuracy": skm.balanced_accuracy_score,
-           "f1_macro": lambda y, p: skm.f1_score(y, p, average="macro")}
-
 
 TAG_TASK = "task_id"
 
 
-class RegisterParams(Section):
+class RegisterParams(GateParams):
     model_name: str = "soundline"
     task_suffix: bool = True  # register as <model_name>-<label column>-<task id>
     alias: str = "champion"
-    when_incomparable: Literal["keep", "promote"] = "keep"  # champion evaluated on other test files
-    metric: Literal["accuracy", "balanced_accuracy", "f1_macro"] = "balanced_accuracy"
-    test: Literal["mcnemar", "bootstrap"] = "mcnemar"
-    alpha: float = Field(0.05, gt=0, lt=1)
-    min_improvement: float = 0.0
-    bootstrap_resamples: int = Field(2000, ge=100)
-    seed: int = 0
 
 
 def registered_name(p: RegisterParams, info: ModelInfo) -> str:
@@ -68,35 +54,11 @@ def registered_name(p: RegisterParams, info: ModelInfo) -> str:
 
 
 def gate(challenger: pd.DataFrame, champion: pd.DataFrame | None, p: RegisterParams) -> dict:
-    """Decide whether the challenger takes the alias. Tables: path, label, predicted, correct, kept."""
-    if champion is None:
-        return {"move": True, "why": "no champion yet"}
-    both = challenger[challenger["kept"]].merge(champion, on="path", suffixes=("", "_champion"))
-    if len(both) < challenger["kept"].sum() or len(both) == 0:
-        return {"move": p.when_incomparable == "promote",
-                "why": f"champion was evaluated on other test files ({len(both)} of "
-                       f"{int(challenger['kept'].sum())} shared): not comparable; "
-                       f"register.when_incomparable={p.when_incomparable}"}
-    score = METRICS[p.metric]
-    new, old = score(both["label"], both["predicted"]), score(both["label"], both["predicted_champion"])
-    decision = {"metric": p.metric, "challenger": float(new), "champion": float(old),
-                "improvement": float(new - old), "n_files": len(both)}
-    if p.test == "mcnemar":
-        result = mcnemar_exact(both["correct_champion"].to_numpy(bool), both["correct"].to_numpy(bool))
-        decision.update(test="mcnemar", p_value=result.p_value, discordant=[result.b, result.c])
-    else:
-        labels = sorted(set(both["label"]) | set(both["predicted"]) | set(both["predicted_champion"]))
-        code = {c: i for i, c in enumerate(labels)}
-        y, a, b = (both[c].map(code).to_numpy() for c in ("label", "predicted_champion", "predicted"))
-        result = paired_bootstrap(METRICS[p.metric], y, a, b, n_resamples=p.bootstrap_resamples, seed=p.seed)
-        decision.update(test="paired_bootstrap", p_value=result.p_value, ci=[result.low, result.high])
-    # Tolerance: 1.0 - 0.9 is 0.0999…, and an improvement of exactly min_improvement must count.
-    wins = new - old >= p.min_improvement - 1e-9 and new > old and decision["p_value"] < p.alpha
-    decision["move"] = bool(wins)
-    decision["why"] = ("challenger is significantly better" if wins else
-                       f"not better enough: improvement {new - old:+.4f} (min {p.min_improvement}), "
-                       f"p={decision['p_value']:.4g} (alpha {p.alpha})")
-    return decision
+    """The baseline gate, then the champion gate (``pipeline.gate``): the decision to record."""
+    baseline = baseline_gate(challenger, p)
+    if not baseline["passed"]:
+        return {"move": False, "why": f"refused by the baseline gate: {baseline['why']}", "baseline": baseline}
+    return {**champion_gate(challenger, champion, p), "baseline": baseline}
 
 
 def champion_info(name: str, version: str) -> ModelInfo:
@@ -111,7 +73,8 @@ def check_same_task(name: str, version: str, champion: ModelInfo, challenger: Mo
     mine, theirs = challenger.signature(), champion.signature()
     if mine == theirs:
         return
-    differs = ", ".join(f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if mine[k] != theirs[k])
+    differs = ", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in mine | theirs
+                        if mine.get(k) != theirs.get(k))
     raise ValueError(f"{name}@champion (v{version}) was trained for another task ({differs[:500]}); "
                      "a model of another task can neither compete with nor replace it. Set "
                      "register.task_suffix: true (one registered model per task) or choose another "

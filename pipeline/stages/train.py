@@ -163,7 +163,9 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
                 spec=spec, mode=p.mode, classes=coder.order, binary=coder.binary,
                 positive_class=p.positive_class, features=meta.features, label_column=meta.label_column,
                 fold=best, selection=f"best fold by {p.trainer.monitor} ({p.trainer.monitor_mode})",
-                seed=p.seed, input_norm=meta.fold_norm(best)))
+                seed=p.seed, input_norm=meta.fold_norm(best), segment=meta.segment))
+            best_train, _ = fold_rows(index, ignored, int(best.removeprefix("fold_")), p)
+            best_train[["path", "label"]].to_csv(out.training_files_path, index=False, lineterminator="\n")
             (tmp / "config_used.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
             (tmp / "model_summary.txt").write_text(str(ModelSummary(module, max_depth=2)))
         write_csv(curves_out, history)

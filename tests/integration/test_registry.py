@@ -67,9 +67,13 @@ def _predictions(index: pd.DataFrame, wrong: set[int]) -> pd.DataFrame:
     test = index[index["split"] == "test"].reset_index(drop=True)
     predicted = [("bad" if lab == "good" else "good") if i in wrong else lab for i, lab in enumerate(test["label"])]
     p_good = np.where(np.array(predicted) == "good", 0.9, 0.1)
+    # the baseline is as good as the worse model: both tables clear the default baseline gate
+    baseline = [("bad" if lab == "good" else "good") if i in WORSE_WRONG else lab for i, lab in enumerate(test["label"])]
     return pd.DataFrame({"path": test["path"], "group": test["group"], "label": test["label"],
                          "predicted": predicted, "prob_bad": 1 - p_good, "prob_good": p_good,
-                         "kept": True, "correct": np.array(predicted) == test["label"].to_numpy()})
+                         "kept": True, "correct": np.array(predicted) == test["label"].to_numpy(),
+                         "baseline_predicted": baseline,
+                         "baseline_correct": np.array(baseline) == test["label"].to_numpy()})
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +101,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
                           "label": labels, "group": groups, "duration_s": 1.0,
                           "split": ["test"] * N_TEST + ["train"] * 4, "fold": [-1] * N_TEST + [0, 0, 1, 1],
                           "energy": np.float32(0.05)})
-    index.to_parquet(features / "index.parquet", index=False)
+    index[["file", "segment", "start_s"]] = index[["path"]].assign(segment=0, start_s=0.0)
     np.save(features / "features.npy", np.random.default_rng(0).normal(size=(n, N_MELS, FRAMES)).astype(np.float32))
     feature_params = FeatureParams(n_mels=N_MELS, frames=FRAMES)
     FeaturesFolder(features).write(index, FeatureMeta(features=feature_params, label_column="quality",

@@ -45,7 +45,7 @@ def _chain(out: Path, features: Path, params: Path, env: dict[str, str]) -> dict
                      "--run-id", "train_run.json", *p], out, env)
     _stage("evaluate", ["--features", str(features), "--ignored", "ignored.csv", "--model", "model",
                         "--pretrained", "pretrained", "--metrics", "evaluate.json", "--predictions",
-                        "predictions.csv", "--groups", "groups.csv", "--plots", "plots", "--run-id",
+                        "predictions.csv", "--segments", "segments.csv", "--groups", "groups.csv", "--plots", "plots", "--run-id",
                         "evaluate_run.json", *p], out, env)
     files = ["pretrained/mae.safetensors", "recon/train_recon.csv", "recon/val_recon.csv", "recon/test_recon.csv",
              "ignored.csv", "filter.json", "pretrain.json", "model/model.safetensors", "model/model.json",

@@ -68,8 +68,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Itera
     np.save(features / "features.npy", np.zeros((2, fp.n_mels, fp.frames), np.float32))
     FeaturesFolder(features).write(pd.DataFrame(), FeatureMeta(features=fp, label_column="quality",
                                                                shape=(2, fp.n_mels, fp.frames), classes=["bad", "good"]))
-    (root / "predictions.csv").write_text("path,label,predicted,correct,kept\n"
-                                          + "".join(f"{p.name},good,good,True,True\n" for p in recordings))
+    (root / "predictions.csv").write_text("path,label,predicted,correct,kept,baseline_predicted,baseline_correct\n"
+                                          + "".join(f"{p.name},good,good,True,True,good,True\n" for p in recordings))
     (root / "train.json").write_text("{}")
     (root / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef.dir\n  path: data/raw\n")
     mp = pytest.MonkeyPatch()

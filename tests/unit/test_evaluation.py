@@ -17,8 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.stages import evaluate
-from pipeline.evaluation import classification_metrics, psnr
+from pipeline.evaluation import classification_metrics, flat_metrics, predictions_table, psnr
 from pipeline.models.inference import SIMILARITY_TEMPERATURE, ExportedModel, fastest_batch_size
+from pipeline import baseline
+from pipeline.contracts import ModelFolder
 from pipeline.models.networks import ModelParams, build_network, make_spec
 
 N_MELS, FRAMES = 16, 16  # the smallest input the default CNN pools (8 x 16) accept
@@ -258,13 +260,16 @@ def test_predictions_table_columns_and_values() -> None:
                          "label": ["good", "bad", "bad"], "group": ["g0", "g0", "g1"],
                          "split": "test", "fold": -1}, index=[10, 11, 12])
     probs = np.array([[0.2, 0.8], [0.3, 0.7], [0.9, 0.1]])
-    table = evaluate.predictions_table(test, probs, ["bad", "good"], np.array([True, False, True]))
+    table = predictions_table(test, probs, ["bad", "good"], np.array([True, False, True]))
     assert list(table.columns) == ["path", "group", "label", "predicted", "prob_bad", "prob_good", "kept", "correct"]
     assert list(table.index) == [0, 1, 2]
     assert table["predicted"].tolist() == ["good", "good", "bad"]
     assert table["correct"].tolist() == [True, False, True]
     assert table["kept"].tolist() == [True, False, True]
     np.testing.assert_allclose(table["prob_good"], [0.8, 0.7, 0.1])
+    base = predictions_table(test, probs[::-1], ["bad", "good"], np.array([True, False, True]), prefix="baseline_")
+    assert list(base.columns) == ["baseline_predicted", "baseline_prob_bad", "baseline_prob_good", "baseline_correct"]
+    assert base["baseline_correct"].tolist() == [False, False, False]
 
 
 def test_flat_metrics_names_and_drops_non_finite() -> None:
@@ -273,14 +278,17 @@ def test_flat_metrics_names_and_drops_non_finite() -> None:
                   "roc_auc": {"value": float("inf"), "ci_low": 0.1, "ci_high": 0.9},
                   "confusion_matrix": [[1, 0], [1, 0]]},
         "groups": {"accuracy": {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0}},
-        "counts": {"test_files": 2},
+        "baseline": {"files": {"accuracy": {"value": 0.25, "ci_low": 0.0, "ci_high": 0.5}}},
+        "model_minus_baseline": {"files": {"accuracy": 0.25}},
         "mae": {"mae_mse": 0.25, "mae_psnr_db": float("-inf")},
     }
-    assert evaluate.flat_metrics(metrics) == {
+    assert flat_metrics(metrics) == {
         "test/files/accuracy": 0.5, "test/files/accuracy_ci_high": 0.75,
         "test/files/roc_auc_ci_low": 0.1, "test/files/roc_auc_ci_high": 0.9,
         "test/groups/accuracy": 1.0, "test/groups/accuracy_ci_low": 1.0, "test/groups/accuracy_ci_high": 1.0,
-        "test/mae_mse": 0.25,
+        "test/baseline/files/accuracy": 0.25, "test/baseline/files/accuracy_ci_low": 0.0,
+        "test/baseline/files/accuracy_ci_high": 0.5, "test/model_minus_baseline/files/accuracy": 0.25,
+        "test/mae/mae_mse": 0.25,
     }
 
 
@@ -296,6 +304,7 @@ def write_features(folder: Path) -> Path:
                           "label": labels, "group": groups, "duration_s": 1.0,
                           "split": ["test"] * 9 + ["train"] * 4, "fold": [-1] * 9 + [0, 0, 1, 1],
                           "energy": np.float32(0.05)})
+    index[["file", "segment", "start_s"]] = index[["path"]].assign(segment=0, start_s=0.0)
     index.to_parquet(folder / "index.parquet", index=False)
     np.save(folder / "features.npy", random_features(n, seed=7))
     return folder
@@ -329,13 +338,15 @@ def test_all_filtered_group_gets_the_configured_class(tmp_path: Path, tracking_d
     features = write_features(tmp_path / "features")
     model = constant_binary_model(tmp_path / "model", logit)
     index = pd.read_parquet(features / "index.parquet")
+    index.loc[index["split"] == "train", ["path", "label"]].to_csv(ModelFolder(model).training_files_path, index=False)
     ignored = tmp_path / "ignored.csv"
     # every file of g2 plus one file of g0; g1 is whole
     dropped = index.loc[index["group"].eq("g2"), "path"].tolist() + [index.loc[0, "path"]]
     pd.DataFrame({"filename": dropped, "reason": "reconstruction"}).to_csv(ignored, index=False)
     reports = tmp_path / "reports"
     out = {"metrics": reports / "evaluate.json", "predictions": reports / "predictions.csv",
-           "groups": reports / "group_predictions.csv", "plots": reports / "plots",
+           "segments": reports / "segment_predictions.csv", "groups": reports / "group_predictions.csv",
+           "plots": reports / "plots",
            "run_id": reports / "evaluate_run.json"}
     params = evaluate.EvaluateParams(all_filtered_class=configured, bootstrap_resamples=100)
 
@@ -359,6 +370,46 @@ def test_all_filtered_group_gets_the_configured_class(tmp_path: Path, tracking_d
     assert metrics["files"]["confusion_matrix"] == ([[3, 0], [2, 0]] if other == "bad" else [[0, 3], [0, 2]])
     assert json.loads(out["metrics"].read_text())["counts"]["all_filtered_groups"] == 1
     assert json.loads(out["run_id"].read_text())["stage"] == "evaluate"
+
+
+def test_baseline_is_fitted_on_exactly_the_models_training_files(tmp_path: Path, tracking_db: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracking_db / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-unit")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.chdir(tracking_db)
+    features = write_features(tmp_path / "features")
+    model = constant_binary_model(tmp_path / "model", 20.0)
+    index = pd.read_parquet(features / "index.parquet")
+    trained_on = index[index["split"] == "train"].iloc[[0, 3]]  # one good, one bad: not every train file
+    trained_on[["path", "label"]].to_csv(ModelFolder(model).training_files_path, index=False)
+    ignored = tmp_path / "ignored.csv"
+    pd.DataFrame({"filename": [], "reason": []}).to_csv(ignored, index=False)
+    seen = []
+    real_fit = baseline.fit
+    monkeypatch.setattr(baseline, "fit", lambda f, rows, targets, seed=0: seen.append((rows, targets))
+                        or real_fit(f, rows, targets, seed))
+    reports = tmp_path / "reports"
+    out = {"metrics": reports / "evaluate.json", "predictions": reports / "predictions.csv",
+           "segments": reports / "segment_predictions.csv", "groups": reports / "group_predictions.csv",
+           "plots": reports / "plots",
+           "run_id": reports / "evaluate_run.json"}
+    metrics = evaluate.run(features, ignored, model, tmp_path / "no_pretrain", evaluate.EvaluateParams(
+        bootstrap_resamples=100), out)
+
+    (rows, targets), = seen
+    assert rows.tolist() == trained_on["row"].tolist() and targets.tolist() == [1, 0]  # [bad, good] order
+    predictions = pd.read_csv(out["predictions"])
+    assert {"baseline_predicted", "baseline_prob_bad", "baseline_prob_good", "baseline_correct"} <= set(predictions)
+    assert set(metrics["baseline"]) == {"files", "groups"}
+    delta = metrics["model_minus_baseline"]["files"]["accuracy"]
+    assert delta == pytest.approx(metrics["files"]["accuracy"]["value"] - metrics["baseline"]["files"]["accuracy"]["value"])
+    mcnemar = metrics["model_vs_baseline"]["mcnemar"]
+    model_right, base_right = predictions["correct"], predictions["baseline_correct"]
+    assert mcnemar["b_only_right"] == int((model_right & ~base_right).sum())
+    assert mcnemar["a_only_right"] == int((~model_right & base_right).sum())
+    for name in ("baseline_confusion.csv", "baseline_roc.csv", "baseline_pr.csv"):
+        assert (reports / "plots" / name).is_file()
 
 
 def test_fastest_batch_size_picks_the_cheapest_per_clip() -> None:

@@ -13,7 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.stages.register import RegisterParams, gate, provenance
+from pipeline.gate import baseline_gate
+from pipeline.gate import champion_gate as gate
+from pipeline.stages import register
+from pipeline.stages.register import RegisterParams, provenance
 
 
 def labels(n: int) -> list[str]:
@@ -209,3 +212,53 @@ def test_provenance_in_git_and_dvc_experiment(tmp_path: Path, monkeypatch: pytes
     assert tags["dvc_experiment"] == "cnn-focal"
     assert tags["data_dvc_md5"] == "0123456789abcdef0123456789abcdef.dir"
     assert tags["params_sha256"] == hashlib.sha256(b"register: {}\n").hexdigest()[:16]
+
+
+# --- the baseline gate --------------------------------------------------------------------------
+
+def with_baseline(truth: list[str], model_wrong: set[int], baseline_wrong: set[int]) -> pd.DataFrame:
+    table = challenger_table(truth, wrong=model_wrong)
+    base = [flip(t) if i in baseline_wrong else t for i, t in enumerate(truth)]
+    return table.assign(baseline_predicted=base, baseline_correct=[b == t for b, t in zip(base, truth)])
+
+
+def test_at_least_refuses_a_model_below_the_baseline() -> None:
+    truth = labels(20)
+    slightly_worse = baseline_gate(with_baseline(truth, {0, 1}, set()), RegisterParams())
+    assert slightly_worse["passed"] is False and "below the baseline" in slightly_worse["why"]
+    assert slightly_worse["model"] < slightly_worse["baseline"] == 1.0 and slightly_worse["p_value"] == 0.5
+    equal = baseline_gate(with_baseline(truth, set(), set()), RegisterParams())
+    assert equal["passed"] is True and equal["gate"] == "at_least"
+
+
+def test_at_least_refuses_a_significantly_worse_model_even_above_on_the_metric() -> None:
+    # the gate's metric is balanced accuracy; a crippled model that predicts one class always
+    truth = labels(40)
+    crippled = with_baseline(truth, {i for i, t in enumerate(truth) if t == "bad"}, {0})
+    decision = baseline_gate(crippled, RegisterParams())
+    assert decision["passed"] is False and decision["worse"] is True and decision["p_value"] < 0.05
+
+
+def test_significantly_better_needs_a_significant_win() -> None:
+    truth = labels(20)
+    params = RegisterParams(baseline_gate="significantly_better")
+    assert baseline_gate(with_baseline(truth, set(), {0, 1}), params)["passed"] is False  # p = 0.5
+    clear = baseline_gate(with_baseline(truth, set(), set(range(10))), params)
+    assert clear["passed"] is True and clear["p_value"] == pytest.approx(2 / 2**10)
+
+
+def test_baseline_gate_off_and_missing_columns() -> None:
+    assert baseline_gate(challenger_table(labels(4)), RegisterParams(baseline_gate="off")) == {"gate": "off", "passed": True}
+    with pytest.raises(ValueError, match="no baseline columns"):
+        baseline_gate(challenger_table(labels(4)), RegisterParams())
+
+
+def test_register_refuses_a_crippled_model_even_without_a_champion() -> None:
+    """A model that always says "good" against a baseline that is nearly right: no alias, and why."""
+    truth = labels(40)
+    crippled = with_baseline(truth, {i for i, t in enumerate(truth) if t == "bad"}, {3})
+    decision = register.gate(crippled, None, RegisterParams())
+    assert decision["move"] is False and decision["why"].startswith("refused by the baseline gate: below the baseline")
+    assert decision["baseline"]["p_value"] < 0.05
+    good = register.gate(with_baseline(truth, set(), {3}), None, RegisterParams())
+    assert good["move"] is True and good["baseline"]["passed"] is True
