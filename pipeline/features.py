@@ -71,6 +71,10 @@ class SegmentParams(Section):
         window, hop = round(self.window_s * sample_rate), round(self.hop_s * sample_rate)
         return np.arange(1 + max(0, -(-(n_samples - window) // hop))) * hop
 
+    def start_seconds(self, count: int, sample_rate: int) -> np.ndarray:
+        """Where the first ``count`` windows start, in seconds."""
+        return np.arange(count) * round(self.hop_s * sample_rate) / sample_rate
+
     def windows(self, wave: np.ndarray, sample_rate: int) -> list[np.ndarray]:
         """The windows of a mono wave, in order."""
         window = round(self.window_s * sample_rate)

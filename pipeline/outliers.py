@@ -101,6 +101,7 @@ class FilterParams(Section):
 
     reconstruction: OutlierRule = OutlierRule()
     energy: OutlierRule = OutlierRule()
+    level: Literal["segment", "file"] = "segment"  # with featurize.segment: judge windows or recordings
 
 
 def _as_values(values: ArrayLike) -> np.ndarray:

@@ -32,10 +32,16 @@ class Served(BaseModel):
     bento_model: str
 
 
+class SegmentScore(BaseModel):
+    start_s: float  # where the window starts in the file
+    probabilities: dict[str, float]
+
+
 class Prediction(Served):
     file: str
     label: str
     probabilities: dict[str, float]  # over the model's classes
+    segments: list[SegmentScore] | None = None  # models that score long recordings as windows
 
 
 class Predictions(BaseModel):

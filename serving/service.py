@@ -41,11 +41,11 @@ from starlette.routing import Route
 
 from pipeline import audio
 from pipeline.config import load_section
-from pipeline.features import FeatureParams, fit_length, log_mel_batch
+from pipeline.features import FeatureParams, aggregate_segments, fit_length, log_mel_batch
 from pipeline.models.inference import ExportedModel, fastest_batch_size
 from pipeline.stats import group_vote
 from serving.batching import Batcher, Overloaded
-from serving.schemas import Embedding, Features, Prediction, Predictions, ServeParams, Verdict
+from serving.schemas import Embedding, Features, Prediction, Predictions, SegmentScore, ServeParams, Verdict
 
 
 def params_file() -> Path:
@@ -184,8 +184,9 @@ class Soundline:
         self.batching = os.environ.get("SOUNDLINE_BATCHING", "1") != "0"
         self._batcher = Batcher(self._forward_batch, self.settings.max_latency_ms, self.settings.max_batch_size)
 
-    def _wave(self, data: bytes, name: str) -> np.ndarray:
-        """(clip_samples,) model-rate mono wave of one upload."""
+    def _clips(self, data: bytes, name: str) -> np.ndarray:
+        """(n, clip_samples) model-rate mono clips of one upload: the whole file, or its windows
+        when the model scores long recordings as segments (as the featurize stage cuts them)."""
         if len(data) > self.max_upload_bytes:  # chunked uploads carry no Content-Length
             raise TooLarge(too_large(len(data), self.max_upload_bytes))
         try:
@@ -193,14 +194,15 @@ class Soundline:
                               max_duration_s=self.settings.max_duration_s)
         except audio.AudioError as err:
             raise ClientError(err.problem, err.source) from err
-        return fit_length(wave, self.features_params)
+        segment = self.model.info.segment
+        windows = segment.windows(wave, self.features_params.sample_rate) if segment else [wave]
+        return np.stack([fit_length(w, self.features_params) for w in windows])
 
-    async def _waves(self, files: list[Path], names: list[str]) -> np.ndarray:
+    async def _uploads(self, files: list[Path], names: list[str]) -> list[np.ndarray]:
         if not files:
             raise NoInput("no files uploaded")
-        waves = await asyncio.gather(*(asyncio.to_thread(lambda f, n: self._wave(f.read_bytes(), n), f, n)
-                                       for f, n in zip(files, names)))
-        return np.stack(waves)
+        return list(await asyncio.gather(*(asyncio.to_thread(lambda f, n: self._clips(f.read_bytes(), n), f, n)
+                                           for f, n in zip(files, names))))
 
     async def _probabilities(self, waves: np.ndarray) -> np.ndarray:
         try:
@@ -221,13 +223,23 @@ class Soundline:
         return self._forward(waves)
 
     def _prediction(self, name: str, probs: np.ndarray) -> Prediction:
-        classes = self.model.classes
-        return Prediction(file=name, label=classes[int(np.argmax(probs))],
-                          probabilities={c: float(p) for c, p in zip(classes, probs)}, **self.model_info)
+        """One file's answer from its (n, K) clip probabilities; segments aggregate as in evaluate."""
+        classes, segment = self.model.classes, self.model.info.segment
+        named = lambda p: {c: float(v) for c, v in zip(classes, p)}  # noqa: E731
+        if segment is None:
+            return Prediction(file=name, label=classes[int(np.argmax(probs[0]))], probabilities=named(probs[0]),
+                              **self.model_info)
+        file_probs = aggregate_segments(probs, np.full(len(probs), name), segment.aggregate)[1][0]
+        starts = segment.start_seconds(len(probs), self.features_params.sample_rate)
+        return Prediction(file=name, label=classes[int(np.argmax(file_probs))], probabilities=named(file_probs),
+                          segments=[SegmentScore(start_s=float(s), probabilities=named(p)) for s, p in zip(starts, probs)],
+                          **self.model_info)
 
     async def _classify(self, audios: list[Path], names: list[str]) -> list[Prediction]:
-        probs = await self._probabilities(await self._waves(audios, names))
-        return [self._prediction(n, p) for n, p in zip(names, probs)]
+        clips = await self._uploads(audios, names)
+        probs = await self._probabilities(np.concatenate(clips))
+        per_file = np.split(probs, np.cumsum([len(c) for c in clips])[:-1])
+        return [self._prediction(n, p) for n, p in zip(names, per_file)]
 
     @bentoml.api
     @client_errors
@@ -253,29 +265,30 @@ class Soundline:
             body += chunk
             if len(body) > self.max_upload_bytes:  # chunked uploads carry no Content-Length
                 raise TooLarge(too_large(len(body), self.max_upload_bytes))
-        wave = await asyncio.to_thread(self._wave, bytes(body), name)
-        probs = await self._probabilities(wave[None])
-        return Response(self._prediction(name, probs[0]).model_dump_json(), media_type="application/json")
+        clips = await asyncio.to_thread(self._clips, bytes(body), name)
+        probs = await self._probabilities(clips)
+        return Response(self._prediction(name, probs).model_dump_json(exclude_none=True), media_type="application/json")
 
     @bentoml.api
     @client_errors
     async def features(self, audio: Path) -> Features:
-        """The log-mel features the model sees for one upload (for parity checks)."""
-        waves = await self._waves([audio], [upload_name(audio)])
-        feats = await asyncio.to_thread(log_mel_batch, waves, self.features_params)
+        """The log-mel features of one upload (its first window, with segments), as the features
+        folder holds them (for parity checks)."""
+        clips = (await self._uploads([audio], [upload_name(audio)]))[0]
+        feats = await asyncio.to_thread(log_mel_batch, clips[:1], self.features_params)
         return Features(features=feats[0][0].tolist(), shape=list(feats[0][0].shape), **self.model_info)
 
     @bentoml.api
     @client_errors
     async def embed(self, audio: Path) -> Embedding:
-        """One upload → the encoder embedding."""
-        waves = await self._waves([audio], [upload_name(audio)])
-        emb = await asyncio.to_thread(self._embed, waves)
+        """One upload → the encoder embedding (the mean over its windows, with segments)."""
+        clips = (await self._uploads([audio], [upload_name(audio)]))[0]
+        emb = await asyncio.to_thread(self._embed, clips)
         return Embedding(embedding=emb.tolist(), dim=len(emb), **self.model_info)
 
-    def _embed(self, waves: np.ndarray) -> np.ndarray:
-        feats = log_mel_batch(waves, self.features_params)[0]
-        return self.model.embeddings(feats, np.arange(len(feats)))[0]
+    def _embed(self, clips: np.ndarray) -> np.ndarray:
+        feats = log_mel_batch(clips, self.features_params)[0]
+        return self.model.embeddings(feats, np.arange(len(feats))).mean(axis=0)
 
     @bentoml.api
     @client_errors

@@ -18,9 +18,20 @@ from pipeline.io import write_csv, write_json
 from pipeline.outliers import FilterParams, bounds, select_ignored
 
 
+def per_file(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per recording: the mean loss and energy of its segments, named by the file."""
+    return (rows.groupby("file", sort=False)[["reconstruction_loss", "signal_energy"]].mean()
+            .reset_index().rename(columns={"file": "filename"}))
+
+
 def run(recon_dir: Path, p: FilterParams) -> tuple[pd.DataFrame, dict]:
-    """Ignored files (with reason and the bounds used) and a summary."""
-    parts = {name: pd.read_csv(recon_dir / f"{name}_recon.csv") for name in ("train", "val", "test")}
+    """Ignored rows (with reason and the bounds used) and a summary.
+
+    ``level: file`` judges each recording by its segments' mean loss and energy and ignores all
+    of its rows; ``segment`` (the default) judges every row on its own.
+    """
+    rows = {name: pd.read_csv(recon_dir / f"{name}_recon.csv") for name in ("train", "val", "test")}
+    parts = {name: per_file(frame) for name, frame in rows.items()} if p.level == "file" else rows
     reference = pd.concat([parts["train"], parts["val"]], ignore_index=True)
     recon_low, recon_high = bounds(reference["reconstruction_loss"].to_numpy(), p.reconstruction)
     energy_low, energy_high = bounds(reference["signal_energy"].to_numpy(), p.energy)
@@ -32,9 +43,14 @@ def run(recon_dir: Path, p: FilterParams) -> tuple[pd.DataFrame, dict]:
     })
     ignored = select_ignored(everything, fixed.reconstruction, fixed.energy)
     ignored = ignored.merge(everything[["filename", "part"]], on="filename", how="left")
-    summary = {"files": len(everything), "ignored": len(ignored),
-               "ignored_by_part": ignored["part"].value_counts().to_dict(),
-               "ignored_by_reason": ignored["reason"].value_counts().to_dict(),
+    judged = {"level": p.level, "judged": len(everything), "ignored": len(ignored),
+              "ignored_by_part": ignored["part"].value_counts().to_dict(),
+              "ignored_by_reason": ignored["reason"].value_counts().to_dict()}
+    if p.level == "file":  # every row (segment) of an ignored recording
+        all_rows = pd.concat(rows.values(), ignore_index=True)[["filename", "file"]]
+        ignored = (ignored.rename(columns={"filename": "file"}).merge(all_rows, on="file")
+                   .drop(columns="file")[["filename", *ignored.columns.drop("filename")]])
+    summary = {**judged, "ignored_rows": len(ignored),
                "bounds": {"reconstruction_loss": [recon_low, recon_high], "signal_energy": [energy_low, energy_high]}}
     return ignored, summary
 
@@ -52,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"filter: {err}")
     write_csv(args.out, ignored)
     write_json(args.metrics, summary)
-    print(f"filter: ignoring {summary['ignored']} of {summary['files']} files {summary['ignored_by_reason']}")
+    print(f"filter: ignoring {summary['ignored']} of {summary['judged']} {summary['level']}s "
+          f"({summary['ignored_rows']} rows) {summary['ignored_by_reason']}")
 
 
 if __name__ == "__main__":

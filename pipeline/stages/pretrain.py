@@ -92,7 +92,7 @@ def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, reco
         features = folder.array()
         losses = reconstruction_losses(network, features, index["row"].to_numpy(), p.seed,
                                        p.trainer.batch_size, norm)
-        table = pd.DataFrame({"filename": index["path"], "reconstruction_loss": losses,
+        table = pd.DataFrame({"filename": index["path"], "file": index["file"], "reconstruction_loss": losses,
                               "signal_energy": index["energy"]})
         in_train = index["path"].isin(train["path"])
         parts = {"train": table[in_train], "val": table[~in_train & (index["split"] == "train")],

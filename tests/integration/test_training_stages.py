@@ -192,7 +192,8 @@ def test_filter_outputs(stages: Paths) -> None:
     # Energy mode percentile(lower=0.01) drops at least the quietest file.
     assert len(ignored) >= 1 and ignored["reason"].str.contains("signal_energy").any()
     summary = json.loads(stages.filter_metrics.read_text())
-    assert summary["files"] == 48 and summary["ignored"] == len(ignored)
+    assert summary["judged"] == 48 and summary["ignored"] == summary["ignored_rows"] == len(ignored)
+    assert summary["level"] == "segment"
 
 
 def test_train_outputs(stages: Paths) -> None:

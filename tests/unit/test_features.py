@@ -230,3 +230,30 @@ def test_band_norm_standardises_each_band() -> None:
     assert z.dtype == np.float32 and z.shape == x.shape
     with pytest.raises(ValueError, match="no rows"):
         BandNorm.fit(x, np.array([], dtype=int))
+
+
+# --- long recordings as segments ---------------------------------------------------------------
+
+def test_segment_windows_cover_the_recording() -> None:
+    from pipeline.features import SegmentParams
+
+    seg = SegmentParams(window_s=1.0, hop_s=0.5)
+    assert seg.starts(16000 * 3, 16000).tolist() == [0, 8000, 16000, 24000, 32000]  # the last ends at 3 s
+    assert seg.starts(16000 * 3 + 1, 16000).tolist()[-1] == 40000  # a tail gets a (padded) window
+    assert seg.starts(100, 16000).tolist() == [0]  # shorter than a window: one
+    wave = np.arange(16000 * 2, dtype=np.float32)
+    windows = seg.windows(wave, 16000)
+    assert [len(w) for w in windows] == [16000, 16000, 16000] and windows[1][0] == 8000
+    np.testing.assert_allclose(seg.start_seconds(3, 16000), [0.0, 0.5, 1.0])
+
+
+def test_aggregate_segments_mean_median_vote() -> None:
+    from pipeline.features import aggregate_segments
+
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6]])
+    files = np.array(["a", "a", "a", "b", "b"])
+    order, mean = aggregate_segments(probs, files, "mean")
+    assert order.tolist() == ["a", "b"]
+    np.testing.assert_allclose(mean, [[1.7 / 3, 1.3 / 3], [0.35, 0.65]])
+    np.testing.assert_allclose(aggregate_segments(probs, files, "median")[1], [[0.6, 0.4], [0.35, 0.65]])
+    np.testing.assert_allclose(aggregate_segments(probs, files, "vote")[1], [[2 / 3, 1 / 3], [0.0, 1.0]])

@@ -233,3 +233,25 @@ def test_select_ignored_bad_tables():
         select_ignored(_table().drop(columns="signal_energy"), OutlierRule(), OutlierRule())
     with pytest.raises(ValueError, match="no files"):
         select_ignored(_table().iloc[:0], OutlierRule(), OutlierRule())
+
+
+def test_filter_stage_judges_segments_or_whole_files(tmp_path) -> None:
+    """level: segment drops the odd window; level: file judges each recording by its mean and
+    drops all of an outlying recording's windows."""
+    from pipeline.stages.filter import run as filter_run
+
+    rng = np.random.default_rng(0)
+    for part, n_files in (("train", 30), ("val", 10), ("test", 10)):
+        files = [f"{part}{i:02d}.wav" for i in range(n_files) for _ in range(4)]
+        loss = rng.normal(1.0, 0.05, len(files))
+        if part == "test":
+            loss[0] = 5.0  # one window of test00 is odd
+            loss[4:8] = 1.6  # every window of test01 is somewhat high
+        pd.DataFrame({"filename": [f"{f}#{k % 4:04d}" for k, f in enumerate(files)], "file": files,
+                      "reconstruction_loss": loss, "signal_energy": 1.0}).to_csv(tmp_path / f"{part}_recon.csv", index=False)
+    rule = {"reconstruction": {"mode": "median", "k": 3.0}}
+    by_segment, summary = filter_run(tmp_path, FilterParams.model_validate(rule))
+    assert "test00.wav#0000" in set(by_segment["filename"]) and summary["level"] == "segment"
+    by_file, summary = filter_run(tmp_path, FilterParams.model_validate({**rule, "level": "file"}))
+    assert set(by_file["filename"]) >= {f"test01.wav#{k:04d}" for k in range(4)}
+    assert summary["ignored_rows"] == len(by_file) == 4 * summary["ignored"]
