@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from pipeline import plots, tracking
 from pipeline.config import Section, load_section
-from pipeline.contracts import FeaturesFolder, ModelFolder, ModelInfo, PretrainFolder
+from pipeline.contracts import FeatureMeta, FeaturesFolder, ModelFolder, ModelInfo, PretrainFolder
 from pipeline.features import BandNorm
 from pipeline.io import atomic_dir, file_digest, write_csv, write_json
 from pipeline.models.inference import embeddings, load_weights
@@ -55,7 +55,10 @@ class TrainParams(Section):
     specaugment: SpecAugmentParams | None = SpecAugmentParams()
     triplet: TripletParams = TripletParams()
     label_fraction: float = Field(1.0, gt=0, le=1)  # seeded, stratified share of training labels
-    folds: list[int] | None = None  # None: every fold
+    folds: list[int] | None = None  # None: every fold; [] with final: refit: no cross-validation
+    # best_fold: export the best cross-validation fold's model; refit: then train once more on
+    # every training row for max_epochs (no validation, no early stopping) and export that
+    final: Literal["best_fold", "refit"] = "best_fold"
     trainer: TrainerParams = TrainerParams()
     seed: int = 0  # params.yaml's top-level seed unless set here
 
@@ -68,16 +71,22 @@ class TrainParams(Section):
     def _check(self) -> TrainParams:
         if self.mode == "triplet" and self.triplet.recon != "none" and self.model.arch != "mae":
             raise ValueError("triplet.recon needs model.arch: mae (the reconstruction is the MAE's)")
+        if self.folds == [] and self.final != "refit":
+            raise ValueError("folds: [] trains no fold; it needs final: refit")
         return self
 
 
-def fold_rows(index: pd.DataFrame, ignored: set[str], fold: int, p: TrainParams) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train and val rows of ``fold``: filtered files dropped, label_fraction applied to train only."""
+REFIT = "refit"  # the work folder and name of the final refit on every training row
+
+
+def fold_rows(index: pd.DataFrame, ignored: set[str], fold: int | None, p: TrainParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train and val rows of ``fold`` (None: every training row, no val): filtered files dropped,
+    label_fraction applied to train only."""
     pool = index[(index["split"] == "train") & ~index["path"].isin(ignored)]
-    train, val = pool[pool["fold"] != fold], pool[pool["fold"] == fold]
+    train, val = (pool, pool.iloc[:0]) if fold is None else (pool[pool["fold"] != fold], pool[pool["fold"] == fold])
     if p.label_fraction < 1:
         train = (train.groupby("label", group_keys=False)
-                 .sample(frac=p.label_fraction, random_state=p.trainer.seed + fold))
+                 .sample(frac=p.label_fraction, random_state=p.trainer.seed + (-1 if fold is None else fold)))
     return train, val
 
 
@@ -117,6 +126,48 @@ def pretrained_weights(pretrained_dir: Path, spec: dict) -> Path:
     return folder.weights_path
 
 
+def train_one(name: str, fold: int | None, index: pd.DataFrame, ignored: set[str], p: TrainParams, spec: dict,
+              coder: LabelCoder, folder: FeaturesFolder, pretrained: Path | None, work: Path,
+              stage: tracking.StageRun) -> tuple[dict, object]:
+    """Fit one cross-validation fold (or the refit, ``fold`` None) in ``work/name``; (result, module)."""
+    meta = folder.meta()
+    train, val = fold_rows(index, ignored, fold, p)
+    norm = meta.fold_norm(name if fold is not None else "train")
+    seed_all(p.seed)
+    module = make_module(p, spec, coder, train, pretrained)
+    datamodule = FeatureDataModule(folder.array_path, coder, train, val, None, p.trainer,
+                                   oversample=p.oversample_minority, norm=norm)
+    with stage.child(name, {"fold": REFIT if fold is None else fold, "train_files": len(train),
+                            "val_files": len(val)}) as child:
+        result = fit_fold(name, module, datamodule, p.trainer, work / name, tracking.lightning_logger(child),
+                          validate=fold is not None)
+        child.log_metrics({f"best/{k}": v for k, v in result["metrics"].items()})
+    if p.mode == "triplet" and not (work / name / "centroids.safetensors").exists():
+        load_weights(module.network, work / name / "model.safetensors")
+        save_file({k: torch.from_numpy(v) for k, v in centroids(module, folder.array(), train, coder, norm).items()},
+                  str(work / name / "centroids.safetensors"))
+    return result, module
+
+
+def export(model_dir: Path, work: Path, final: str, p: TrainParams, spec: dict, coder: LabelCoder,
+           meta: FeatureMeta, trained_on: pd.DataFrame, module: object) -> None:
+    """The final model's folder: weights (and centroids), model.json, its training files, config."""
+    selection = (f"refit on every training row for {p.trainer.max_epochs} epochs" if final == REFIT
+                 else f"best fold by {p.trainer.monitor} ({p.trainer.monitor_mode})")
+    with atomic_dir(model_dir) as tmp:
+        out = ModelFolder(tmp)
+        for name in (out.weights_path.name, out.centroids_path.name):
+            if (work / final / name).exists():
+                shutil.copy2(work / final / name, tmp / name)
+        out.write_info(ModelInfo(
+            spec=spec, mode=p.mode, classes=coder.order, binary=coder.binary, positive_class=p.positive_class,
+            features=meta.features, label_column=meta.label_column, fold=final, selection=selection, seed=p.seed,
+            input_norm=meta.fold_norm("train" if final == REFIT else final), segment=meta.segment))
+        trained_on[["path", "label"]].to_csv(out.training_files_path, index=False, lineterminator="\n")
+        (tmp / "config_used.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
+        (tmp / "model_summary.txt").write_text(str(ModelSummary(module, max_depth=2)))
+
+
 def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainParams, work: Path,
         model_dir: Path, curves_out: Path, run_file: Path) -> dict:
     folder = FeaturesFolder(features_dir)
@@ -129,48 +180,24 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
     folds = p.folds if p.folds is not None else sorted(index.loc[index["split"] == "train", "fold"].unique())
     prepare_workdir(work, fingerprint(p.model_dump(), sorted(ignored), folder.content_id(),
                                       None if pretrained is None else file_digest(pretrained)))
-    features = folder.array()
-    results = []
     with tracking.stage_run("train", p) as stage:
         tracking.write_run_id(run_file, stage)
-        for fold in folds:
-            train, val = fold_rows(index, ignored, int(fold), p)
-            seed_all(p.seed)
-            module = make_module(p, spec, coder, train, pretrained)
-            datamodule = FeatureDataModule(folder.array_path, coder, train, val, None, p.trainer,
-                                           oversample=p.oversample_minority, norm=meta.fold_norm(f"fold_{fold}"))
-            with stage.child(f"fold_{fold}", {"fold": int(fold), "train_files": len(train), "val_files": len(val)}) as child:
-                result = fit_fold(f"fold_{fold}", module, datamodule, p.trainer, work / f"fold_{fold}",
-                                  tracking.lightning_logger(child))
-                child.log_metrics({f"best/{k}": v for k, v in result["metrics"].items()})
-            if p.mode == "triplet" and not (work / f"fold_{fold}" / "centroids.safetensors").exists():
-                load_weights(module.network, work / f"fold_{fold}" / "model.safetensors")
-                save_file({k: torch.from_numpy(v) for k, v in
-                           centroids(module, features, train, coder, meta.fold_norm(f"fold_{fold}")).items()},
-                          str(work / f"fold_{fold}" / "centroids.safetensors"))
-            results.append(result)
-        summary = summarize(results, p.trainer)
+        runs = {f"fold_{f}": train_one(f"fold_{f}", int(f), index, ignored, p, spec, coder, folder, pretrained,
+                                       work, stage) for f in folds}
+        summary = summarize([result for result, _ in runs.values()], p.trainer) if runs else {"folds": 0}
+        if p.final == REFIT:
+            runs[REFIT] = train_one(REFIT, None, index, ignored, p, spec, coder, folder, pretrained, work, stage)
+            summary["final_fold"] = REFIT
         # A partial run must never reach the registry's champion (see the register stage).
-        summary["partial"] = bool(p.trainer.fast_dev_run or p.trainer.overfit_batches or p.folds is not None)
-        best = summary["final_fold"]
-        history = pd.concat([read_history(work / f"fold_{f}" / "history.csv") for f in folds], ignore_index=True)
-        with atomic_dir(model_dir) as tmp:
-            out = ModelFolder(tmp)
-            for name in (out.weights_path.name, out.centroids_path.name):
-                if (work / best / name).exists():
-                    shutil.copy2(work / best / name, tmp / name)
-            out.write_info(ModelInfo(
-                spec=spec, mode=p.mode, classes=coder.order, binary=coder.binary,
-                positive_class=p.positive_class, features=meta.features, label_column=meta.label_column,
-                fold=best, selection=f"best fold by {p.trainer.monitor} ({p.trainer.monitor_mode})",
-                seed=p.seed, input_norm=meta.fold_norm(best), segment=meta.segment))
-            best_train, _ = fold_rows(index, ignored, int(best.removeprefix("fold_")), p)
-            best_train[["path", "label"]].to_csv(out.training_files_path, index=False, lineterminator="\n")
-            (tmp / "config_used.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
-            (tmp / "model_summary.txt").write_text(str(ModelSummary(module, max_depth=2)))
+        summary["partial"] = bool(p.trainer.fast_dev_run or p.trainer.overfit_batches
+                                  or (p.folds is not None and p.final != REFIT))
+        final = summary["final_fold"]
+        trained_on = fold_rows(index, ignored, None if final == REFIT else int(final.removeprefix("fold_")), p)[0]
+        export(model_dir, work, final, p, spec, coder, meta, trained_on, runs[final][1])
+        history = pd.concat([read_history(work / name / "history.csv") for name in runs], ignore_index=True)
         write_csv(curves_out, history)
         stage.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
-        for name in ("config_used.yaml", "model_summary.txt", out.info_path.name):
+        for name in ("config_used.yaml", "model_summary.txt", ModelFolder(model_dir).info_path.name):
             stage.log_artifact(model_dir / name)
         if not history.empty:
             metrics = [m for m in ("train/loss", "val/loss", p.trainer.monitor) if m in history]

@@ -116,19 +116,24 @@ def read_history(path: Path) -> pd.DataFrame:
 
 
 def fit_fold(name: str, module: L.LightningModule, datamodule: L.LightningDataModule,
-             p: TrainerParams, fold_dir: Path, logger: Any = None) -> dict[str, Any]:
-    """Train (or resume, or skip if done) one fold; return its result record."""
+             p: TrainerParams, fold_dir: Path, logger: Any = None, validate: bool = True) -> dict[str, Any]:
+    """Train (or resume, or skip if done) one fold; return its result record.
+
+    ``validate=False`` (a refit on every training row): no validation, no early stopping, the
+    weights of the last epoch, the last epoch's training metrics.
+    """
     result_file = fold_dir / "result.json"
     if result_file.exists():
         return {**json.loads(result_file.read_text()), "skipped": True}
     fold_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = fold_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:03d}", monitor=p.monitor,
-                                 mode=p.monitor_mode, save_top_k=p.save_top_k, save_last=True,
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:03d}", monitor=p.monitor if validate else None,
+                                 mode=p.monitor_mode, save_top_k=p.save_top_k if validate else 0, save_last=True,
                                  auto_insert_metric_name=False)
-    callbacks: list[Callback] = [checkpoint, EpochHistory(fold_dir / "history.csv", name), ReseedEachEpoch(p.seed),
-                                 EarlyStopping(monitor=p.monitor, mode=p.monitor_mode, patience=p.patience)]
+    callbacks: list[Callback] = [checkpoint, EpochHistory(fold_dir / "history.csv", name), ReseedEachEpoch(p.seed)]
+    if validate:
+        callbacks.append(EarlyStopping(monitor=p.monitor, mode=p.monitor_mode, patience=p.patience))
     if p.progress_bar:
         callbacks.append(ProgressBar())
     quiet_lightning()
@@ -136,11 +141,15 @@ def fit_fold(name: str, module: L.LightningModule, datamodule: L.LightningDataMo
     # Lightning's warning that small datasets have fewer batches than it.
     trainer = L.Trainer(default_root_dir=fold_dir, callbacks=callbacks, logger=logger or False,
                         enable_progress_bar=p.progress_bar, enable_model_summary=False,
-                        num_sanity_val_steps=0, log_every_n_steps=1, **p.trainer_kwargs())
+                        num_sanity_val_steps=0, log_every_n_steps=1, limit_val_batches=None if validate else 0,
+                        **p.trainer_kwargs())
     resumed = last.exists()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resumed else None)
-    best = checkpoint.best_model_path or None  # None under fast_dev_run (no checkpoints)
-    metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    best = (checkpoint.best_model_path or None) if validate else None  # None under fast_dev_run
+    if validate:
+        metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    else:
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     save_file({k: v.contiguous() for k, v in module.network.state_dict().items()},
               str(fold_dir / "model.safetensors"))
     score = metrics.get(p.monitor)

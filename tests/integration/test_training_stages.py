@@ -40,7 +40,7 @@ from tests.conftest import SYNTH_N_MELS as N_MELS
 from tests.conftest import write_params, write_synthetic_features
 
 EXPERIMENT = "soundline-training-tests"
-RECON_COLUMNS = ["filename", "reconstruction_loss", "signal_energy"]
+RECON_COLUMNS = ["filename", "file", "reconstruction_loss", "signal_energy"]
 
 # Small and quick: 3 epochs, batches of 8, tiny MAE patches for 32 x 32 inputs, no progress bars.
 STAGE_PARAMS: dict[str, Any] = {
@@ -462,6 +462,30 @@ def test_init_from_pretrain_with_cnn_is_refused(tmp_path: Path, monkeypatch: pyt
     message = str(exit_info.value.code)
     assert message.startswith("train: ") and "train.init_from_pretrain" in message and "mae" in message
     assert not p.train_work.exists() and not p.db.exists()  # refused before any work or run
+
+
+@pytest.mark.parametrize("folds", [None, []], ids=["cv-then-refit", "refit-only"])
+def test_refit_trains_the_final_model_on_every_training_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            folds: list | None) -> None:
+    p = Paths(tmp_path)
+    write_synthetic_features(p.features)
+    index = pd.read_parquet(p.features / "index.parquet")
+    dropped = index.loc[index["split"] == "train", "path"].iloc[:2].tolist()
+    pd.DataFrame({"filename": dropped}).to_csv(p.ignored, index=False)
+    params = write_stage_params(p.params, {"train": {"final": "refit", "folds": folds}})
+    local_tracking(monkeypatch, p)
+    train.main(train_args(p, params))
+    info = json.loads((p.model / "model.json").read_text())
+    assert info["fold"] == "refit" and info["selection"].startswith("refit on every training row")
+    trained_on = pd.read_csv(p.model / "training_files.csv")["path"]
+    expected = index.loc[(index["split"] == "train") & ~index["path"].isin(dropped), "path"]
+    assert sorted(trained_on) == sorted(expected)  # every fold's rows, none held out for validation
+    assert sha256(p.model / "model.safetensors") == sha256(p.train_work / "refit" / "model.safetensors")
+    metrics = json.loads(p.train_metrics.read_text())
+    assert metrics["final_fold"] == "refit" and metrics["partial"] is False
+    assert metrics["folds"] == (0 if folds == [] else 3)
+    curves = pd.read_csv(p.curves)
+    assert curves.loc[curves["fold"] == "refit", "epoch"].tolist() == [0, 1, 2]
 
 
 def test_unknown_loss_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
