@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 from sklearn import metrics as skm
 
 from pipeline.config import Section
@@ -32,6 +32,11 @@ class GateParams(Section):
     # at_least: refuse a model below the baseline or significantly worse than it;
     # significantly_better: require it to beat the baseline significantly; off: no baseline check
     baseline_gate: Literal["at_least", "significantly_better", "off"] = "at_least"
+
+    @field_validator("baseline_gate", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
 
 def paired_test(table: pd.DataFrame, a: str, b: str, p: GateParams) -> dict:

@@ -156,9 +156,10 @@ def main(argv: list[str] | None = None) -> None:
                      args.params, params, args.decision, args.audit_log)
     except (ValueError, FileNotFoundError, tracking.TrackingUnavailable) as err:
         sys.exit(f"register: {err}; the registry alias was not changed")
+    holder = f"v{record['holder_after']}" if record["holder_after"] else "no version"
     moved = "moved to" if record["move"] else "stays at"
     print(f"register: {record['model']} v{record['challenger_version']}; @{record['alias']} {moved} "
-          f"v{record['holder_after']} ({record['why']})")
+          f"{holder} ({record['why']})")
 
 
 if __name__ == "__main__":
