@@ -56,13 +56,13 @@ class FeatureMeta(Contract):
     shape: tuple[int, int, int]  # rows, n_mels, frames
     classes: list[str]  # sorted
     segment: SegmentParams | None = None  # rows are windows of the files (featurize.segment)
-    # normalize: band: per-band statistics of the training rows of each fold ("fold_<k>": every
+    # band_norm: per-band statistics of the training rows of each fold ("fold_<k>": every
     # training-split row outside fold k) and of the whole training split ("train")
     band_norm: dict[str, BandNorm] | None = None
 
     def fold_norm(self, key: str) -> BandNorm | None:
-        """The band statistics a model trained with ``key``'s rows uses (None unless normalize: band)."""
-        if self.features.normalize != "band":
+        """The band statistics a model trained with ``key``'s rows uses (None without band_norm)."""
+        if not self.features.band_norm:
             return None
         if not self.band_norm or key not in self.band_norm:
             raise ValueError(f"meta.json has no band statistics for {key!r}; rerun the featurize stage")
@@ -160,7 +160,7 @@ class ModelInfo(Contract):
     fold: str | None = None
     selection: str | None = None
     seed: int | None = None  # the train stage's seed
-    input_norm: BandNorm | None = None  # normalize: band: the statistics of its training rows
+    input_norm: BandNorm | None = None  # band_norm: the statistics of its training rows
     segment: SegmentParams | None = None  # a file is scored as windows, aggregated (featurize.segment)
 
     def signature(self) -> dict:

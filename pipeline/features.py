@@ -36,11 +36,13 @@ class FeatureParams(Section):
     pad_mode: Literal["constant", "wrap"] = "constant"  # fill for short clips: zeros or repeat
     crop: Literal["start", "center"] = "center"  # which part of a long clip is kept
     top_db: float | None = Field(80.0, gt=0)
-    # band: features stay in dB here; each mel band is standardised with the mean and std of the
-    # training rows (featurize computes them per fold, the model carries its fold's: BandNorm)
-    normalize: Literal["none", "per_clip", "fixed", "band"] = "none"
+    # peak: dB re the clip's own maximum (gain invariance); fixed: (dB - norm_mean) / norm_std
+    normalize: Literal["none", "per_clip", "fixed", "peak"] = "none"
     norm_mean: float = 0.0  # used by normalize=fixed
     norm_std: float = Field(1.0, gt=0)
+    # Then each mel band standardised with the mean and std of the training rows (featurize
+    # computes them per fold; a model carries its own: BandNorm), after augmentation in training.
+    band_norm: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> FeatureParams:
@@ -163,7 +165,7 @@ def power_to_db(power: torch.Tensor, params: FeatureParams) -> torch.Tensor:
 def normalize(db: torch.Tensor, params: FeatureParams) -> torch.Tensor:
     """Apply the front end's normalization policy to (B, n_mels, frames) dB features.
 
-    ``band`` is not applied here: its statistics come from training data (:class:`BandNorm`).
+    ``band_norm`` is not applied here: its statistics come from training data (:class:`BandNorm`).
     """
     if params.normalize == "per_clip":
         mean = db.mean(dim=(-2, -1), keepdim=True)
@@ -171,6 +173,8 @@ def normalize(db: torch.Tensor, params: FeatureParams) -> torch.Tensor:
         return (db - mean) / std
     if params.normalize == "fixed":
         return (db - params.norm_mean) / params.norm_std
+    if params.normalize == "peak":
+        return db - db.amax(dim=(-2, -1), keepdim=True)
     return db
 
 

@@ -1,6 +1,7 @@
 """Plain PyTorch models; training, logging and serving wrap them elsewhere."""
 from .cnn import AudioCNN
 from .heads import EmbeddingClassifier
+from .resnet import SpecResNet
 from .mae import (
     MAE_PRESETS,
     AudioMAEViT,
@@ -18,6 +19,7 @@ __all__ = [
     "AudioCNN",
     "AudioMAEViT",
     "EmbeddingClassifier",
+    "SpecResNet",
     "MAE_PRESETS",
     "build_mae",
     "mae_base",

@@ -56,7 +56,7 @@ def apply(fn: Callable[[Tensor], Tensor], model: nn.Module, features: np.ndarray
     """Concatenate ``fn(batch)`` over all rows with ``model`` in eval mode.
 
     ``mc_dropout`` leaves dropout layers sampling (Monte-Carlo dropout); all else stays in eval.
-    ``norm`` standardises each batch first (models trained with ``normalize: band``).
+    ``norm`` standardises each batch first (models trained with ``band_norm``).
     """
     model.eval()
     if mc_dropout:

@@ -14,12 +14,13 @@ from pipeline.config import Section
 from pipeline.models.cnn import AudioCNN
 from pipeline.models.heads import EmbeddingClassifier
 from pipeline.models.mae import AudioMAEViT, build_mae
+from pipeline.models.resnet import SpecResNet
 
 
 class ModelParams(Section):
     """Which network: the CNN, or the MAE ViT by preset, with constructor overrides."""
 
-    arch: Literal["cnn", "mae"] = "cnn"
+    arch: Literal["cnn", "resnet", "mae"] = "cnn"
     mae_preset: str = "demo"
     patch_size: int | tuple[int, int] = 16
     mask_ratio: float = Field(0.8, ge=0, lt=1)
@@ -29,11 +30,13 @@ class ModelParams(Section):
 
 
 def make_spec(p: ModelParams, n_mels: int, frames: int, task: str, num_outputs: int = 0) -> dict[str, Any]:
+    if p.arch in ("cnn", "resnet") and task == "mae":
+        raise ValueError("mode auto (MAE pretraining) needs model.arch: mae")
     if p.arch == "cnn":
-        if task == "mae":
-            raise ValueError("mode auto (MAE pretraining) needs model.arch: mae")
         kwargs = {"n_mels": n_mels, "frames": frames, "num_classes": max(num_outputs, 1),
                   "dropout": p.dropout, **p.overrides}
+    elif p.arch == "resnet":
+        kwargs = {"num_classes": max(num_outputs, 1), "dropout": p.dropout, **p.overrides}
     else:
         kwargs = {"preset": p.mae_preset, "num_mels": n_mels, "mel_len": frames, "patch_size": p.patch_size,
                   "mask_ratio": p.mask_ratio, "norm_pix_loss": p.norm_pix_loss, **p.overrides}
@@ -49,6 +52,8 @@ def build_network(spec: dict[str, Any]) -> nn.Module:
     """The network a spec describes: an AudioCNN, an AudioMAEViT, or an MAE with a head."""
     if spec["arch"] == "cnn":
         return AudioCNN(**spec["kwargs"])
+    if spec["arch"] == "resnet":
+        return SpecResNet(**spec["kwargs"])
     mae = build_mae_from(spec["kwargs"])
     if spec["task"] == "classifier":
         return EmbeddingClassifier(mae, mae.embed_dim, spec["num_outputs"], spec["dropout"])

@@ -108,7 +108,7 @@ def run(raw_dir: Path, manifest_path: Path, p: FeaturizeParams, out_dir: Path) -
             features=p.features, label_column=p.label_column, segment=p.segment,
             shape=(len(index), p.features.n_mels, p.features.frames),
             classes=sorted(index["label"].unique()),
-            band_norm=band_statistics(folder.array(), index) if p.features.normalize == "band" else None))
+            band_norm=band_statistics(folder.array(), index) if p.features.band_norm else None))
     return index
 
 

@@ -82,10 +82,10 @@ def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, reco
                                       train["path"].tolist(), val["path"].tolist()))
     coder = LabelCoder(meta.classes, meta.classes[0])  # targets are unused by the MAE loss
     norm = meta.fold_norm(f"fold_{p.val_fold}")
-    datamodule = FeatureDataModule(folder.array_path, coder, train, val, None, p.trainer, norm=norm)
+    datamodule = FeatureDataModule(folder.array_path, coder, train, val, None, p.trainer)
     with tracking.stage_run("pretrain", p) as stage:
         tracking.write_run_id(run_file, stage)
-        module = MAEModule(network, p.trainer)
+        module = MAEModule(network, p.trainer, norm)
         result = fit_fold("pretrain", module, datamodule, p.trainer, work / "pretrain",
                           tracking.lightning_logger(stage))
         load_weights(network, work / "pretrain" / "model.safetensors")

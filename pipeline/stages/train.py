@@ -29,7 +29,7 @@ from pipeline.features import BandNorm
 from pipeline.io import atomic_dir, file_digest, write_csv, write_json
 from pipeline.models.inference import embeddings, load_weights
 from pipeline.models.networks import ModelParams, backbone_of, build_network, make_spec
-from pipeline.training.config import SpecAugmentParams, TrainerParams
+from pipeline.training.config import AugmentParams, SpecAugmentParams, TrainerParams
 from pipeline.training.data import FeatureDataModule, LabelCoder
 from pipeline.training.kfold import fingerprint, fit_fold, prepare_workdir, read_history, seed_all
 from pipeline.training.losses import LOSS_ALIASES, TripletLoss, build_loss
@@ -53,6 +53,8 @@ class TrainParams(Section):
     class_weight: list[float] | Literal["balanced"] | None = "balanced"  # used by weighted_ce and focal
     oversample_minority: bool = Field(False, validation_alias=AliasChoices("oversample_minority", "extend_bad"))
     specaugment: SpecAugmentParams | None = SpecAugmentParams()
+    augment: AugmentParams = AugmentParams()  # the other training-batch augmentations
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # weighted_ce and bce
     triplet: TripletParams = TripletParams()
     label_fraction: float = Field(1.0, gt=0, le=1)  # seeded, stratified share of training labels
     folds: list[int] | None = None  # None: every fold; [] with final: refit: no cross-validation
@@ -73,6 +75,8 @@ class TrainParams(Section):
             raise ValueError("triplet.recon needs model.arch: mae (the reconstruction is the MAE's)")
         if self.folds == [] and self.final != "refit":
             raise ValueError("folds: [] trains no fold; it needs final: refit")
+        if self.label_smoothing and self.loss not in ("weighted_ce", "bce"):
+            raise ValueError(f"label_smoothing works with loss weighted_ce or bce, not {self.loss}")
         return self
 
 
@@ -90,15 +94,18 @@ def fold_rows(index: pd.DataFrame, ignored: set[str], fold: int | None, p: Train
     return train, val
 
 
-def make_module(p: TrainParams, spec: dict, coder: LabelCoder, train: pd.DataFrame, pretrained: Path | None):
+def make_module(p: TrainParams, spec: dict, coder: LabelCoder, train: pd.DataFrame, pretrained: Path | None,
+                norm: BandNorm | None = None, top_db: float | None = 80.0):
     network = build_network(spec)
     if pretrained is not None:
         load_weights(backbone_of(network), pretrained)
     if p.mode == "triplet":
-        return TripletModule(network, p.trainer, TripletLoss(**p.triplet.model_dump()))
+        return TripletModule(network, p.trainer, TripletLoss(**p.triplet.model_dump()), norm)
     weight = p.class_weight if p.loss in ("weighted_ce", "focal") else None
-    loss = build_loss(p.loss, len(coder.classes), weight, labels=coder.encode(train["label"]))
-    return ClassifierModule(network, p.trainer, loss, coder.num_outputs, p.specaugment)
+    smoothing = {"label_smoothing": p.label_smoothing} if p.label_smoothing else {}
+    loss = build_loss(p.loss, len(coder.classes), weight, labels=coder.encode(train["label"]), **smoothing)
+    return ClassifierModule(network, p.trainer, loss, coder.num_outputs, p.specaugment, p.augment, norm,
+                            top_db or 80.0)
 
 
 def centroids(module, features: np.ndarray, train: pd.DataFrame, coder: LabelCoder,
@@ -134,9 +141,9 @@ def train_one(name: str, fold: int | None, index: pd.DataFrame, ignored: set[str
     train, val = fold_rows(index, ignored, fold, p)
     norm = meta.fold_norm(name if fold is not None else "train")
     seed_all(p.seed)
-    module = make_module(p, spec, coder, train, pretrained)
+    module = make_module(p, spec, coder, train, pretrained, norm, meta.features.top_db)
     datamodule = FeatureDataModule(folder.array_path, coder, train, val, None, p.trainer,
-                                   oversample=p.oversample_minority, norm=norm)
+                                   oversample=p.oversample_minority)
     with stage.child(name, {"fold": REFIT if fold is None else fold, "train_files": len(train),
                             "val_files": len(val)}) as child:
         result = fit_fold(name, module, datamodule, p.trainer, work / name, tracking.lightning_logger(child),
@@ -172,6 +179,9 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
         model_dir: Path, curves_out: Path, run_file: Path) -> dict:
     folder = FeaturesFolder(features_dir)
     index, meta = folder.index(), folder.meta()
+    if p.augment.noise_db and meta.features.normalize != "peak":
+        raise ValueError("train.augment.noise_db adds noise relative to each clip's peak: it needs "
+                         "featurize.features.normalize: peak")
     ignored = set(pd.read_csv(ignored_csv)["filename"])
     coder = LabelCoder(meta.classes, p.positive_class)
     task = "classifier" if p.mode == "classifier" else ("mae" if p.model.arch == "mae" else "embedder")

@@ -49,6 +49,17 @@ class TrainerParams(Section):
                     deterministic=self.deterministic)
 
 
+class AugmentParams(Section):
+    """Training-batch augmentations of the dB features (before band normalisation); 0 turns one off."""
+
+    time_shift: int = Field(0, ge=0)  # frames, either way
+    mel_stretch: float = Field(0.0, ge=0, lt=1)  # mel-axis warp (VTLP-like), relative
+    time_stretch: float = Field(0.0, ge=0, lt=1)  # speaking rate, relative
+    eq_db: float = Field(0.0, ge=0)  # random smooth EQ amplitude
+    noise_db: tuple[float, float] | None = None  # noise floor level range re peak (needs normalize: peak)
+    mixup_alpha: float = Field(0.0, ge=0)  # > 0: mixup with lam ~ Beta(alpha, alpha)
+
+
 class SpecAugmentParams(Section):
     freq_mask_param: int = Field(8, ge=0)
     time_mask_param: int = Field(16, ge=0)

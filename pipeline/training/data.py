@@ -13,7 +13,6 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.features import BandNorm
 from pipeline.training.config import TrainerParams
 
 
@@ -43,20 +42,16 @@ class LabelCoder:
 class FeatureDataset(Dataset):
     """Rows of the feature array with their targets.
 
-    Item: (spec (1, n_mels, frames) float32, target int64, row int64), standardised by ``norm``
-    (``normalize: band``) when given.
+    Item: (spec (1, n_mels, frames) float32, target int64, row int64), as stored (the
+    LightningModule augments, then standardises).
     ``memory_efficient`` reads each item from the memmap (RAM ~ one batch); otherwise the rows
     are copied into RAM once, which is faster when they fit.
     """
 
-    def __init__(self, features: Path, rows: np.ndarray, targets: np.ndarray, memory_efficient: bool,
-                 norm: BandNorm | None = None) -> None:
+    def __init__(self, features: Path, rows: np.ndarray, targets: np.ndarray, memory_efficient: bool) -> None:
         self.path, self.rows, self.targets = Path(features), np.asarray(rows), np.asarray(targets)
-        self.memory_efficient, self.norm = memory_efficient, norm
-        self._array: np.ndarray | None = None
-        if not memory_efficient:
-            rows_in_ram = np.load(self.path, mmap_mode="r")[self.rows]
-            self._array = rows_in_ram if norm is None else norm.apply(rows_in_ram)
+        self.memory_efficient = memory_efficient
+        self._array: np.ndarray | None = None if memory_efficient else np.load(self.path, mmap_mode="r")[self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -69,10 +64,7 @@ class FeatureDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         source = self._memmap()
-        if self.memory_efficient:
-            spec = source[self.rows[i]] if self.norm is None else self.norm.apply(source[self.rows[i]])
-        else:
-            spec = source[i]
+        spec = source[self.rows[i]] if self.memory_efficient else source[i]
         return torch.from_numpy(np.array(spec, dtype=np.float32))[None], torch.tensor(self.targets[i]), torch.tensor(self.rows[i])
 
 
@@ -80,15 +72,13 @@ class FeatureDataModule(L.LightningDataModule):
     """Train/val/test loaders for one fold of the index.
 
     ``train``/``val``/``test`` are index frames (rows already chosen by the caller: fold,
-    filtering, label fraction); ``oversample`` draws each class equally often (oversample_minority);
-    ``norm`` standardises every item (the fold's band statistics).
+    filtering, label fraction); ``oversample`` draws each class equally often (oversample_minority).
     """
 
     def __init__(self, features: Path, coder: LabelCoder, train: pd.DataFrame, val: pd.DataFrame,
-                 test: pd.DataFrame | None, p: TrainerParams, oversample: bool = False,
-                 norm: BandNorm | None = None) -> None:
+                 test: pd.DataFrame | None, p: TrainerParams, oversample: bool = False) -> None:
         super().__init__()
-        self.features, self.coder, self.p, self.oversample, self.norm = Path(features), coder, p, oversample, norm
+        self.features, self.coder, self.p, self.oversample = Path(features), coder, p, oversample
         self.frames = {"train": train, "val": val, "test": test}
 
     def dataset(self, split: str) -> FeatureDataset:
@@ -96,7 +86,7 @@ class FeatureDataModule(L.LightningDataModule):
         if frame is None or frame.empty:
             raise ValueError(f"no {split} rows for this fold")
         return FeatureDataset(self.features, frame["row"].to_numpy(), self.coder.encode(frame["label"]),
-                              self.p.memory_efficient, self.norm)
+                              self.p.memory_efficient)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.dataset(split)

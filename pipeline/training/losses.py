@@ -53,11 +53,11 @@ def _split(logits: Tensor, target: Tensor) -> tuple[bool, Tensor, Tensor]:
     raise ValueError(f"logits must be (B,), (B, 1) or (B, K); got shape {tuple(logits.shape)}")
 
 
-def _per_sample_ce(binary: bool, logits: Tensor, target: Tensor) -> Tensor:
-    """Unreduced BCE-with-logits or cross-entropy, (B,)."""
+def _per_sample_ce(binary: bool, logits: Tensor, target: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Unreduced BCE-with-logits or cross-entropy, (B,); ``smoothing``: label smoothing."""
     if binary:
-        return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return F.cross_entropy(logits, target, reduction="none")
+        return F.binary_cross_entropy_with_logits(logits, target * (1 - smoothing) + smoothing / 2, reduction="none")
+    return F.cross_entropy(logits, target, reduction="none", label_smoothing=smoothing)
 
 
 def _sample_weights(weight: Tensor, binary: bool, logits: Tensor, target: Tensor) -> Tensor:
@@ -79,12 +79,22 @@ def _weight_tensor(weight: Weights) -> Tensor:
     return torch.as_tensor(weight, dtype=torch.float32).reshape(-1)
 
 
+def _check_smoothing(value: float) -> float:
+    if not 0 <= value < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {value}")
+    return value
+
+
 class CELoss(nn.Module):
     """Unweighted BCE-with-logits (binary) or cross-entropy (multi-class); the "bce" loss."""
 
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = _check_smoothing(label_smoothing)
+
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """logits (B,) / (B, 1) / (B, K), target (B,) -> scalar mean loss."""
-        return _per_sample_ce(*_split(logits, target)).mean()
+        return _per_sample_ce(*_split(logits, target), self.label_smoothing).mean()
 
 
 class WeightedCELoss(nn.Module):
@@ -94,15 +104,16 @@ class WeightedCELoss(nn.Module):
     ``weight``; binary uses the same reduction so both forms scale alike.
     """
 
-    def __init__(self, weight: Weights) -> None:
+    def __init__(self, weight: Weights, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("weight", _weight_tensor(weight))
+        self.label_smoothing = _check_smoothing(label_smoothing)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """logits (B,) / (B, 1) / (B, K), target (B,) -> scalar."""
         binary, logits, target = _split(logits, target)
         w = _sample_weights(self.weight, binary, logits, target).to(logits.dtype)
-        return (w * _per_sample_ce(binary, logits, target)).sum() / w.sum()
+        return (w * _per_sample_ce(binary, logits, target, self.label_smoothing)).sum() / w.sum()
 
 
 class FocalLoss(nn.Module):

@@ -11,18 +11,30 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from pipeline.training.augment import SpecAugment
-from pipeline.training.config import SpecAugmentParams, TrainerParams
+from pipeline.features import BandNorm
+from pipeline.training.augment import SpecAugment, add_noise_floor, axis_warp, mixup, random_eq, time_shift
+from pipeline.training.config import AugmentParams, SpecAugmentParams, TrainerParams
 from pipeline.training.losses import TripletLoss
 
 
 class _Base(L.LightningModule):
-    """Shared steps, logging and optimizers; subclasses define ``model_step``."""
+    """Shared steps, logging and optimizers; subclasses define ``model_step``.
 
-    def __init__(self, network: nn.Module, p: TrainerParams) -> None:
+    ``norm`` (the fold's per-band statistics, ``band_norm``) standardises every batch the
+    network sees, after any augmentation, as ``ExportedModel`` does at inference.
+    """
+
+    def __init__(self, network: nn.Module, p: TrainerParams, norm: BandNorm | None = None) -> None:
         super().__init__()
         self.network, self.p = network, p
         self.metrics: nn.ModuleDict | None = None  # per stage, updated from model_step's probs/targets
+        stats = None if norm is None else [torch.tensor(v, dtype=torch.float32)[:, None] for v in (norm.mean, norm.std)]
+        self.register_buffer("band_mean", None if stats is None else stats[0])
+        self.register_buffer("band_std", None if stats is None else stats[1])
+
+    def normalized(self, specs: Tensor) -> Tensor:
+        """(B, ..., n_mels, frames) -> the same, standardised per band (identity without ``norm``)."""
+        return specs if self.band_mean is None else (specs - self.band_mean) / self.band_std
 
     def model_step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -77,18 +89,24 @@ class MAEModule(_Base):
     """Mode ``auto``: masked-autoencoder pretraining; the loss is MSE on masked patches."""
 
     def model_step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> dict[str, Tensor]:
-        loss, _, _ = self.network(batch[0])
+        loss, _, _ = self.network(self.normalized(batch[0]))
         return {"loss": loss}
 
 
 class ClassifierModule(_Base):
-    """Mode ``classifier``: logits from any network, a class-imbalance loss, SpecAugment on train."""
+    """Mode ``classifier``: logits from any network, a class-imbalance loss, augmentation on train.
+
+    Training batches: dB-domain augmentations (EQ, noise floor, time shift, warps), band
+    normalisation, SpecAugment, then mixup (the loss mixes as the inputs do).
+    """
 
     def __init__(self, network: nn.Module, p: TrainerParams, loss: nn.Module, num_outputs: int,
-                 augment: SpecAugmentParams | None = None) -> None:
-        super().__init__(network, p)
+                 augment: SpecAugmentParams | None = None, extra: AugmentParams | None = None,
+                 norm: BandNorm | None = None, top_db: float = 80.0) -> None:
+        super().__init__(network, p, norm)
         self.loss_fn, self.binary = loss, num_outputs == 1
         self.augment = SpecAugment(**augment.model_dump()) if augment else None
+        self.extra, self.top_db = extra or AugmentParams(), top_db
         task = {"task": "binary"} if self.binary else {"task": "multiclass", "num_classes": num_outputs}
         self.metrics = nn.ModuleDict({
             f"{stage}_metrics": torchmetrics.MetricCollection({
@@ -102,24 +120,48 @@ class ClassifierModule(_Base):
         """(B, K) or (B, 1) logits → (B,) P(positive) for binary, (B, K) softmax otherwise."""
         return torch.sigmoid(logits.squeeze(-1)) if self.binary else logits.softmax(-1)
 
+    def augment_db(self, specs: Tensor) -> Tensor:
+        """The dB-domain augmentations of a training batch, in order: level, then geometry."""
+        a = self.extra
+        if a.eq_db:
+            specs = random_eq(specs, a.eq_db)
+        if a.noise_db:
+            specs = add_noise_floor(specs, *a.noise_db, top_db=self.top_db)
+        if a.time_shift:
+            specs = time_shift(specs, a.time_shift)
+        if a.time_stretch:
+            specs = axis_warp(specs, a.time_stretch, -1)
+        if a.mel_stretch:
+            specs = axis_warp(specs, a.mel_stretch, -2)
+        return specs
+
     def model_step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> dict[str, Tensor]:
         specs, targets, _ = batch
-        if stage == "train" and self.augment is not None:
+        train = stage == "train"
+        specs = self.normalized(self.augment_db(specs) if train else specs)
+        if train and self.augment is not None:
             specs = self.augment(specs)
+        partner, lam = None, 1.0
+        if train and self.extra.mixup_alpha:
+            specs, partner, lam = mixup(specs, self.extra.mixup_alpha)
         logits = self.network(specs)
-        loss = self.loss_fn(logits.squeeze(-1) if self.binary else logits, targets)
+        out = logits.squeeze(-1) if self.binary else logits
+        loss = self.loss_fn(out, targets)
+        if partner is not None:
+            loss = lam * loss + (1.0 - lam) * self.loss_fn(out, targets[partner])
         return {"loss": loss, "probs": self.probabilities(logits.detach()), "targets": targets}
 
 
 class TripletModule(_Base):
     """Mode ``triplet``: metric learning on backbone embeddings (optionally + MAE reconstruction)."""
 
-    def __init__(self, network: nn.Module, p: TrainerParams, loss: TripletLoss) -> None:
-        super().__init__(network, p)
+    def __init__(self, network: nn.Module, p: TrainerParams, loss: TripletLoss, norm: BandNorm | None = None) -> None:
+        super().__init__(network, p, norm)
         self.loss_fn = loss
 
     def model_step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> dict[str, Tensor]:
         specs, targets, _ = batch
+        specs = self.normalized(specs)
         embeddings = self.network.embed(specs)
         if self.loss_fn.recon == "none":
             return {"loss": self.loss_fn(embeddings, targets)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.training.augment import SpecAugment
+from pipeline.training.augment import SpecAugment, add_noise_floor, axis_warp, mixup, random_eq, time_shift
 
 
 def spectrograms(*shape: int) -> torch.Tensor:
@@ -122,3 +122,46 @@ def test_invalid_arguments():
         SpecAugment(mask_value="median")
     with pytest.raises(ValueError, match="expected"):
         SpecAugment()(torch.zeros(32, 50))
+
+
+# --- dB-domain augmentations, warps and mixup ------------------------------------------------------
+
+
+
+def _batch(seed: int = 0) -> torch.Tensor:
+    return -80 * torch.rand((4, 1, 16, 20), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x, g: time_shift(x, 3, g), lambda x, g: axis_warp(x, 0.1, -2, g), lambda x, g: axis_warp(x, 0.1, -1, g),
+    lambda x, g: random_eq(x, 6.0, g), lambda x, g: add_noise_floor(x, -60.0, -30.0, top_db=80.0, generator=g),
+    lambda x, g: mixup(x, 0.2, g)[0],
+], ids=["time_shift", "mel_warp", "time_warp", "eq", "noise", "mixup"])
+def test_augmentations_keep_shape_and_follow_the_generator(fn) -> None:
+    x = _batch()
+    a, b = fn(x, torch.Generator().manual_seed(3)), fn(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and a.dtype == x.dtype and torch.isfinite(a).all()
+    assert torch.equal(a, b)  # same generator state, same output
+    assert not torch.equal(a, fn(x, torch.Generator().manual_seed(4)))
+
+
+def test_time_shift_replicates_the_edge_frames() -> None:
+    x = torch.arange(6.0).view(1, 1, 1, 6).expand(2, 1, 2, 6).contiguous()
+    shifted = time_shift(x, 2, torch.Generator().manual_seed(0))
+    for sample in shifted:
+        row = sample[0, 0].tolist()
+        assert row == sorted(row) and set(row) <= set(range(6))  # a shift with repeated edges, no wrap
+
+
+def test_mel_warp_of_one_is_the_identity_and_noise_respects_the_floor() -> None:
+    x = _batch()
+    assert torch.allclose(axis_warp(x, 0.0, -2), x)
+    noisy = add_noise_floor(x, -40.0, -40.0, top_db=80.0, generator=torch.Generator().manual_seed(0))
+    assert noisy.min() >= -80.0 and (noisy >= x - 1e-4).all()  # noise only adds power
+
+
+def test_mixup_mixes_the_batch_with_one_lambda() -> None:
+    x = _batch()
+    mixed, partner, lam = mixup(x, 0.4, torch.Generator().manual_seed(1))
+    assert 0 <= lam <= 1 and sorted(partner.tolist()) == list(range(4))
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[partner])

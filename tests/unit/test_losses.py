@@ -318,3 +318,18 @@ def test_triplet_reconstruction_term(recon: str):
     assert loss.item() == pytest.approx(0.5 * term, rel=1e-5)  # triplet part is 0: no positives
     with pytest.raises(ValueError, match="needs recon_pred"):
         TripletLoss(recon=recon)(emb, labels)
+
+
+def test_label_smoothing_matches_torch_and_smooths_binary_targets():
+    logits, target = multiclass()
+    log_p = torch.log_softmax(logits, dim=1)  # smoothed target: 0.9 on the label, 0.1 spread evenly
+    expected = -(0.9 * log_p[torch.arange(len(target)), target] + 0.1 * log_p.mean(dim=1)).mean()
+    torch.testing.assert_close(build_loss("bce", 3, label_smoothing=0.1)(logits, target), expected)
+    torch.testing.assert_close(build_loss("weighted_ce", 3, [1.0, 1.0, 1.0], label_smoothing=0.1)(logits, target),
+                               expected)
+    blogits, btarget = binary()
+    y, z = btarget.float() * 0.8 + 0.1, blogits.reshape(-1)  # targets pulled 0.1 towards 0.5
+    smoothed = -(y * torch.nn.functional.logsigmoid(z) + (1 - y) * torch.nn.functional.logsigmoid(-z)).mean()
+    torch.testing.assert_close(build_loss("bce", 2, label_smoothing=0.2)(blogits, btarget), smoothed)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        build_loss("bce", 2, label_smoothing=1.0)

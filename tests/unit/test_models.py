@@ -286,3 +286,29 @@ def test_cnn_overfits_one_batch() -> None:
     x, y = torch.randn(8, 1, 32, 32), torch.tensor([0, 1] * 4)
     losses = _train(model, lambda: torch.nn.functional.cross_entropy(model(x), y))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# --- SpecResNet ------------------------------------------------------------------------------------
+
+def test_spec_resnet_shapes_batch_consistency_and_inference_folding() -> None:
+    from pipeline.models import SpecResNet
+    from pipeline.models.inference import prepare_for_inference
+
+    torch.manual_seed(0)
+    net = SpecResNet(num_classes=10, widths=(8, 16), blocks=(1, 1), stem_channels=8)
+    for module in net.modules():  # trained-looking BatchNorm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_()
+    net.eval()
+    x = torch.randn(5, 1, 32, 40)
+    out = net(x)
+    assert out.shape == (5, 10) and net.embed(x).shape == (5, 16)
+    torch.testing.assert_close(net(x[2:3]), out[2:3], atol=1e-5, rtol=0)  # a sample does not see its batch
+    torch.testing.assert_close(net(x[:, 0]), out)  # (B, F, T) is read as one channel
+    assert SpecResNet(num_classes=1)(torch.randn(2, 64, 128)).shape == (2, 1)
+    prepare_for_inference(net)
+    torch.testing.assert_close(net(x), out, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="one block count per stage"):
+        SpecResNet(widths=(8, 16), blocks=(1,))
