@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -92,3 +93,23 @@ def write_result(out: Path, result: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=2))
+
+
+def held_out(source: Path, test: np.ndarray, out: Path | None = None) -> Path:
+    """A features folder (``out``, or ``source`` rewritten) whose test split is the rows marked
+    ``test`` and whose training rows are one fold, with their band statistics ("train"): for
+    benchmarks that fix the held-out speakers and train one model on all the others."""
+    from pipeline.features import BandNorm
+
+    src = FeaturesFolder(source)
+    index, meta = src.index(), src.meta()
+    folder = src
+    if out is not None:
+        out.mkdir(parents=True)
+        folder = FeaturesFolder(out)
+        folder.array_path.symlink_to(src.array_path.resolve())
+    index["split"], index["fold"] = np.where(test, "test", "train"), np.where(test, -1, 0)
+    norm = {"train": BandNorm.fit(src.array(), index.loc[~np.asarray(test), "row"].to_numpy())}
+    folder.write(index, meta.model_copy(update={"features": meta.features.model_copy(update={"band_norm": True}),
+                                                "band_norm": norm}))
+    return folder.path
