@@ -2,7 +2,7 @@
 
 The MAE trains on the training split (by default the positive class only, so that high
 reconstruction loss marks what does not look like a good recording); fold ``val_fold`` is
-its validation set. Every clip then gets a seeded reconstruction loss and its signal energy:
+its validation set (null: every training clip trains it, for a fixed number of epochs). Every clip then gets a seeded reconstruction loss and its signal energy:
 ``train_recon.csv`` (clips the MAE trained on), ``val_recon.csv`` (the rest of the training
 split) and ``test_recon.csv`` (held-out), which the filter stage reads.
 """
@@ -34,7 +34,7 @@ from pipeline.training.modules import MAEModule
 
 class PretrainParams(Section):
     train_classes: list[str] = []  # classes the MAE sees; [] = all
-    val_fold: int = Field(0, ge=0)
+    val_fold: int | None = Field(0, ge=0)  # None: no validation, every training clip trains the MAE
     model: ModelParams = ModelParams(arch="mae")
     trainer: TrainerParams = TrainerParams()
     seed: int = 0  # training and the reconstruction pass (params.yaml's top-level seed unless set here)
@@ -74,20 +74,20 @@ def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, reco
         if unknown:
             raise ValueError(f"pretrain.train_classes {sorted(unknown)} not among classes {meta.classes}")
         pool = pool[pool["label"].isin(p.train_classes)]
-    train, val = pool[pool["fold"] != p.val_fold], pool[pool["fold"] == p.val_fold]
+    train, val = pool[pool["fold"] != p.val_fold], pool[pool["fold"] == p.val_fold]  # fold None: no val
     spec = make_spec(p.model, meta.n_mels, meta.frames, task="mae")
     seed_all(p.seed)
     network = build_network(spec)
     prepare_workdir(work, fingerprint(p.model_dump(), folder.content_id(),
                                       train["path"].tolist(), val["path"].tolist()))
     coder = LabelCoder(meta.classes, meta.classes[0])  # targets are unused by the MAE loss
-    norm = meta.fold_norm(f"fold_{p.val_fold}")
+    norm = meta.fold_norm("train" if p.val_fold is None else f"fold_{p.val_fold}")
     datamodule = FeatureDataModule(folder.array_path, coder, train, val, None, p.trainer)
     with tracking.stage_run("pretrain", p) as stage:
         tracking.write_run_id(run_file, stage)
         module = MAEModule(network, p.trainer, norm)
         result = fit_fold("pretrain", module, datamodule, p.trainer, work / "pretrain",
-                          tracking.lightning_logger(stage))
+                          tracking.lightning_logger(stage), validate=p.val_fold is not None)
         load_weights(network, work / "pretrain" / "model.safetensors")
         features = folder.array()
         losses = reconstruction_losses(network, features, index["row"].to_numpy(), p.seed,
