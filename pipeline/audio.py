@@ -69,18 +69,51 @@ def _raw_bytes(source: Source, name: str) -> bytes:
     return data
 
 
+# WAVE format tags: PCM, IEEE float, A-law, mu-law, extensible (its sub-format says which)
+_WAV_BITS = {0x0001: (8, 16, 24, 32), 0x0003: (32, 64), 0x0006: (8,), 0x0007: (8,), 0xFFFE: (8, 16, 24, 32, 64)}
+
+
+def _check_fmt(body: bytes, name: str) -> None:
+    """Reject a ``fmt `` chunk whose fields contradict each other or name an unknown codec.
+
+    libsndfile decodes some inconsistent headers anyway (12 bits per sample with a block align
+    of one byte, say), which would enter the data as noise that looks like audio.
+    """
+    if len(body) < 16:
+        raise AudioError(name, f"malformed WAV: fmt chunk of {len(body)} bytes (at least 16)")
+    tag, channels, rate, byte_rate, align, bits = struct.unpack("<HHIIHH", body[:16])
+    if tag not in _WAV_BITS:
+        raise AudioError(name, f"unsupported WAV codec (format tag 0x{tag:04x}); send PCM, float, A-law or mu-law")
+    if channels == 0 or rate == 0:
+        raise AudioError(name, f"malformed WAV: {channels} channels at {rate} Hz")
+    if bits not in _WAV_BITS[tag]:
+        raise AudioError(name, f"malformed WAV: {bits} bits per sample for format tag 0x{tag:04x}")
+    if align != channels * ((bits + 7) // 8):
+        raise AudioError(name, f"malformed WAV: block align {align} bytes, but {channels} channels of "
+                               f"{bits} bits need {channels * ((bits + 7) // 8)}")
+    if byte_rate != rate * align:
+        raise AudioError(name, f"malformed WAV: byte rate {byte_rate}, but {rate} Hz x {align} bytes is {rate * align}")
+
+
 def _check_riff(data: bytes, name: str) -> None:
-    """Reject WAV files whose data chunk is shorter than its header says.
+    """Reject WAV files whose header contradicts itself or whose data chunk is shorter than it says.
 
     libsndfile silently decodes the part that is there, so a copy cut short by a crash or a
     partial download would otherwise enter the dataset as a shorter, valid-looking clip.
     """
     if data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
         return
-    pos = 12
+    pos, fmt_seen = 12, False
     while pos + 8 <= len(data):
         chunk_id, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        if chunk_id == b"fmt ":
+            if pos + 8 + size > len(data):
+                raise AudioError(name, f"truncated WAV: fmt chunk declares {size} bytes, {len(data) - pos - 8} present")
+            _check_fmt(data[pos + 8:pos + 8 + size], name)
+            fmt_seen = True
         if chunk_id == b"data":
+            if not fmt_seen:
+                raise AudioError(name, "malformed WAV: data chunk before any fmt chunk")
             available = len(data) - pos - 8
             # RF64 stores the real size elsewhere and writes 0xFFFFFFFF here.
             if size != 0xFFFFFFFF and available < size:
@@ -144,6 +177,25 @@ def decode(source: Source, name: str | None = None,
         bad = int((~np.isfinite(samples)).sum())
         raise NonFiniteAudio(label, f"{bad} non-finite samples (NaN or inf)")
     return samples, info
+
+
+CLIP_LEVEL = 0.999  # |sample| at or above this (full scale 1.0) counts as clipped
+SILENCE_RMS = 1e-3  # a 20 ms frame below -60 dBFS counts as silent
+
+
+def signal_stats(samples: np.ndarray, sample_rate: int) -> dict[str, float]:
+    """Level facts of decoded (frames, channels) samples: peak, RMS, clipped and silent fractions.
+
+    The manifest records them for every file (validate_raw) and the service's drift guard checks
+    an upload's against the training files'.
+    """
+    mono = to_mono(samples)
+    frame = max(1, sample_rate // 50)
+    usable = len(mono) // frame * frame
+    frame_rms = np.sqrt(np.mean(mono[:usable].reshape(-1, frame) ** 2, axis=1)) if usable else np.zeros(1)
+    return {"peak": float(np.abs(samples).max()), "rms": float(np.sqrt(np.mean(samples ** 2))),
+            "clipping_fraction": float(np.mean(np.abs(samples) >= CLIP_LEVEL)),
+            "silence_fraction": float(np.mean(frame_rms < SILENCE_RMS))}
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.features import BandNorm, FeatureParams, SegmentParams
 from pipeline.io import file_digest, write_json
+from pipeline.profile import Profile
 
 # path: the row's key (the file, or "<file>#<segment>" with featurize.segment); file: the recording
 INDEX_COLUMNS = ("row", "path", "file", "segment", "start_s", "label", "group", "split", "fold", "energy",
@@ -189,10 +190,18 @@ class ModelFolder:
     def training_files_path(self) -> Path:
         return self.path / "training_files.csv"
 
-    files = ("model.json", "model.safetensors", "centroids.safetensors")  # what the service needs
+    @property
+    def profile_path(self) -> Path:
+        return self.path / "profile.json"
+
+    files = ("model.json", "model.safetensors", "centroids.safetensors", "profile.json")  # what the service needs
 
     def info(self) -> ModelInfo:
         return _read(ModelInfo, self.info_path)
+
+    def profile(self) -> Profile | None:
+        """The training data's profile (the drift guard), None for a model exported without one."""
+        return _read(Profile, self.profile_path) if self.profile_path.exists() else None
 
     def training_files(self) -> pd.DataFrame:
         """The files (path, label) the exported weights were trained on (the baseline fits on them)."""

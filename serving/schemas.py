@@ -5,6 +5,8 @@ building a JSON schema per response.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from pipeline.config import Section
@@ -21,6 +23,9 @@ class ServeParams(Section):
     tracing_sample_rate: float = Field(0.0, ge=0, le=1)
     max_upload_mb: float = Field(10.0, gt=0)
     max_duration_s: float = Field(30.0, gt=0)
+    # an input outside the training data's profile (pipeline.profile): still labelled and flagged
+    # (warn), or refused with a 422 naming the failed checks (reject)
+    drift: Literal["warn", "reject"] = "warn"
 
 
 class Served(BaseModel):
@@ -42,6 +47,8 @@ class Prediction(Served):
     label: str
     probabilities: dict[str, float]  # over the model's classes
     segments: list[SegmentScore] | None = None  # models that score long recordings as windows
+    in_distribution: bool = True  # the input passed every check of the training data's profile
+    drift: list[str] = []  # the checks it failed (pipeline.profile.CHECKS)
 
 
 class Predictions(BaseModel):

@@ -8,8 +8,9 @@ file exactly as the evaluate stage does.
 Every classification (classify, classify_batch, group_verdict, and POST /raw/classify, which
 takes the audio file as the request body) goes through one adaptive batcher: one call computes
 the features and scores the batch. Decoding, features and the network run in worker threads,
-never on the event loop. A client mistake raises a :class:`ClientError`, which
-:func:`client_errors` turns into a 4xx answer naming the problem, in one place for every route.
+never on the event loop. A client mistake raises a ``ClientError``, which
+``serving.guards`` turns into a 4xx answer naming the problem, in one place for every route; its
+``RequestGuard`` answers mistakes in the request's framing before BentoML parses it.
 
 Env: SOUNDLINE_MODEL_TAG (BentoML model tag, default: the model the Bento packed, else
 soundline:latest), SOUNDLINE_PARAMS (params file with the ``serve`` section, default params.yaml
@@ -19,14 +20,11 @@ benchmark's baseline).
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
 import os
 import tempfile
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import bentoml
 import numpy as np
@@ -36,15 +34,18 @@ import torch
 import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from pipeline import audio
 from pipeline.config import load_section
-from pipeline.features import FeatureParams, aggregate_segments, fit_length, log_mel_batch
+from pipeline.contracts import ModelFolder
+from pipeline.features import FeatureParams, log_mel_batch
 from pipeline.models.inference import ExportedModel, fastest_batch_size
+from pipeline.scoring import Upload, answer, prepare, score_clips
 from pipeline.stats import group_vote
 from serving.batching import Batcher, Overloaded
+from serving.guards import BadRequest, Busy, ClientError, RequestGuard, TooLarge, client_errors, too_large
 from serving.schemas import Embedding, Features, Prediction, Predictions, SegmentScore, ServeParams, Verdict
 
 
@@ -64,47 +65,6 @@ def model_tag() -> str:
     return "soundline:latest"
 
 
-class ClientError(Exception):
-    """A request the service cannot answer; ``status`` and the message go back to the client."""
-
-    status = 422
-
-    def __init__(self, problem: str, file: str | None = None) -> None:
-        super().__init__(f"{file}: {problem}" if file else problem)
-        self.problem, self.file = problem, file
-
-    def response(self) -> JSONResponse:
-        body = {"error": str(self), "problem": self.problem, **({"file": self.file} if self.file else {})}
-        return JSONResponse(body, status_code=self.status)
-
-
-class TooLarge(ClientError):
-    status = 413
-
-
-class NoInput(ClientError):
-    status = 400
-
-
-class Busy(ClientError):
-    status = 503  # not the client's mistake: shed load, retry later
-
-
-def client_errors(api: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """The one place where a :class:`ClientError` becomes its HTTP answer (BentoML APIs and routes).
-
-    BentoML's own mapping of its exceptions logs a traceback per request and wraps the body
-    in a list, so client mistakes are answered here instead.
-    """
-    @functools.wraps(api)
-    async def answer(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await api(*args, **kwargs)
-        except ClientError as err:
-            return err.response()
-    return answer
-
-
 def upload_name(path: Path) -> str:
     """The client's file name of an upload that BentoML saved as a temporary file.
 
@@ -114,25 +74,6 @@ def upload_name(path: Path) -> str:
     prefix = tempfile.gettempprefix()
     name = path.name
     return (name[len(prefix) + 8:] or "upload") if name.startswith(prefix) and len(name) >= len(prefix) + 8 else name
-
-
-class UploadLimit:
-    """ASGI middleware: a body declared larger than ``serve.max_upload_mb`` gets 413 before it is read."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"0")
-            limit = bentoml.get_current_service().max_upload_bytes
-            if length.isdigit() and int(length) > limit:
-                return await TooLarge(too_large(int(length), limit)).response()(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-def too_large(size: int, limit: int) -> str:
-    return f"upload of {size} bytes exceeds the limit of {limit / 2**20:g} MB ({limit} bytes)"
 
 
 @client_errors
@@ -162,6 +103,7 @@ class Soundline:
         ref = self.model_ref  # at serve time BentoML hands the instance the stored model itself
         stored = ref.resolve() if isinstance(ref, bentoml.models.BentoModel) else ref
         self.model = ExportedModel.load(Path(stored.path))
+        self.profile = ModelFolder(Path(stored.path)).profile()  # None: a model exported without one
         self.features_params: FeatureParams = self.model.info.features
         labels = stored.info.labels
         self.model_info = {"model": labels.get("mlflow_model", stored.tag.name),
@@ -170,7 +112,7 @@ class Soundline:
         torch.set_num_threads(self.settings.torch_threads)
         # Clips per forward within one batcher call: timed, not guessed. Fewer distinct batch
         # shapes also keep oneDNN's per-shape kernel cache (and so the RSS) small.
-        self.chunk = fastest_batch_size(lambda waves: self._scores(waves, len(waves)),
+        self.chunk = fastest_batch_size(lambda waves: score_clips(self.model, waves, len(waves)),
                                         self.features_params.clip_samples, self.settings.max_batch_size)
         logging.getLogger("bentoml.soundline").info("model forward in chunks of %d clips", self.chunk)
         # The imports leave ~10^6 long-lived objects; freezing them keeps full collections from
@@ -181,65 +123,60 @@ class Soundline:
         self.batch_sizes = prometheus_client.Histogram(
             "soundline_model_batch_size", "Clips per model call (adaptive batching)",
             buckets=[2 ** i for i in range(self.settings.max_batch_size.bit_length() + 1)])
+        self.drift_failures = prometheus_client.Counter(
+            "soundline_drift_failures", "Inputs outside the training data's profile, per failed check", ["check"])
+        self.drift_inputs = prometheus_client.Counter(
+            "soundline_drift_inputs", "Inputs checked by the drift guard", ["in_distribution"])
         self.batching = os.environ.get("SOUNDLINE_BATCHING", "1") != "0"
         self._batcher = Batcher(self._forward_batch, self.settings.max_latency_ms, self.settings.max_batch_size)
 
-    def _clips(self, data: bytes, name: str) -> np.ndarray:
-        """(n, clip_samples) model-rate mono clips of one upload: the whole file, or its windows
-        when the model scores long recordings as segments (as the featurize stage cuts them)."""
+    def _upload(self, data: bytes, name: str) -> Upload:
+        """One upload decoded and cut as the featurize stage does (the file, or its windows)."""
         if len(data) > self.max_upload_bytes:  # chunked uploads carry no Content-Length
             raise TooLarge(too_large(len(data), self.max_upload_bytes))
         try:
-            wave = audio.load(data, self.features_params.sample_rate, name=name,
-                              max_duration_s=self.settings.max_duration_s)
+            return prepare(data, name, self.model, self.settings.max_duration_s)
         except audio.AudioError as err:
             raise ClientError(err.problem, err.source) from err
-        segment = self.model.info.segment
-        windows = segment.windows(wave, self.features_params.sample_rate) if segment else [wave]
-        return np.stack([fit_length(w, self.features_params) for w in windows])
 
-    async def _uploads(self, files: list[Path], names: list[str]) -> list[np.ndarray]:
+    async def _uploads(self, files: list[Path], names: list[str]) -> list[Upload]:
         if not files:
-            raise NoInput("no files uploaded")
-        return list(await asyncio.gather(*(asyncio.to_thread(lambda f, n: self._clips(f.read_bytes(), n), f, n)
+            raise BadRequest("no files uploaded")
+        return list(await asyncio.gather(*(asyncio.to_thread(lambda f, n: self._upload(f.read_bytes(), n), f, n)
                                            for f, n in zip(files, names))))
 
-    async def _probabilities(self, waves: np.ndarray) -> np.ndarray:
+    async def _scores(self, clips: np.ndarray) -> np.ndarray:
         try:
-            return await (self._batcher(waves) if self.batching else asyncio.to_thread(self._forward, waves))
+            return await (self._batcher(clips) if self.batching else asyncio.to_thread(self._forward, clips))
         except Overloaded as err:
             raise Busy(f"model overloaded: queued over {self.settings.max_latency_ms} ms, retry later") from err
 
-    def _scores(self, waves: np.ndarray, chunk: int) -> np.ndarray:
-        """(n, K) probabilities of (n, clip_samples) waves: features, then forwards of ``chunk`` clips."""
-        feats = log_mel_batch(waves, self.features_params)[0]
-        return self.model.class_probabilities(feats, np.arange(len(feats)), batch_size=chunk)
+    def _forward(self, clips: np.ndarray) -> np.ndarray:
+        return score_clips(self.model, clips, self.chunk)
 
-    def _forward(self, waves: np.ndarray) -> np.ndarray:
-        return self._scores(waves, self.chunk)
+    def _forward_batch(self, clips: np.ndarray) -> np.ndarray:
+        self.batch_sizes.observe(len(clips))
+        return self._forward(clips)
 
-    def _forward_batch(self, waves: np.ndarray) -> np.ndarray:
-        self.batch_sizes.observe(len(waves))
-        return self._forward(waves)
-
-    def _prediction(self, name: str, probs: np.ndarray) -> Prediction:
-        """One file's answer from its (n, K) clip probabilities; segments aggregate as in evaluate."""
-        classes, segment = self.model.classes, self.model.info.segment
-        named = lambda p: {c: float(v) for c, v in zip(classes, p)}  # noqa: E731
-        if segment is None:
-            return Prediction(file=name, label=classes[int(np.argmax(probs[0]))], probabilities=named(probs[0]),
-                              **self.model_info)
-        file_probs = aggregate_segments(probs, np.full(len(probs), name), segment.aggregate)[1][0]
-        starts = segment.start_seconds(len(probs), self.features_params.sample_rate)
-        return Prediction(file=name, label=classes[int(np.argmax(file_probs))], probabilities=named(file_probs),
-                          segments=[SegmentScore(start_s=float(s), probabilities=named(p)) for s, p in zip(starts, probs)],
-                          **self.model_info)
+    def _prediction(self, upload: Upload, scores: np.ndarray) -> Prediction:
+        """One file's answer (segments aggregate as in evaluate), after the drift guard."""
+        scored = answer(self.model, upload, scores, self.profile)
+        self.drift_inputs.labels(in_distribution=str(scored.in_distribution).lower()).inc()
+        for check in scored.drift:
+            self.drift_failures.labels(check=check).inc()
+        if scored.drift and self.settings.drift == "reject":
+            raise ClientError(f"outside the training data's profile ({', '.join(scored.drift)}); "
+                              "serve.drift: reject", upload.name)
+        segments = None if scored.segments is None else [SegmentScore(start_s=s, probabilities=p)
+                                                         for s, p in scored.segments]
+        return Prediction(file=upload.name, label=scored.label, probabilities=scored.probabilities, segments=segments,
+                          in_distribution=scored.in_distribution, drift=scored.drift, **self.model_info)
 
     async def _classify(self, audios: list[Path], names: list[str]) -> list[Prediction]:
-        clips = await self._uploads(audios, names)
-        probs = await self._probabilities(np.concatenate(clips))
-        per_file = np.split(probs, np.cumsum([len(c) for c in clips])[:-1])
-        return [self._prediction(n, p) for n, p in zip(names, per_file)]
+        uploads = await self._uploads(audios, names)
+        scores = await self._scores(np.concatenate([u.clips for u in uploads]))
+        per_file = np.split(scores, np.cumsum([len(u.clips) for u in uploads])[:-1])
+        return [self._prediction(u, s) for u, s in zip(uploads, per_file)]
 
     @bentoml.api
     @client_errors
@@ -265,16 +202,16 @@ class Soundline:
             body += chunk
             if len(body) > self.max_upload_bytes:  # chunked uploads carry no Content-Length
                 raise TooLarge(too_large(len(body), self.max_upload_bytes))
-        clips = await asyncio.to_thread(self._clips, bytes(body), name)
-        probs = await self._probabilities(clips)
-        return Response(self._prediction(name, probs).model_dump_json(exclude_none=True), media_type="application/json")
+        upload = await asyncio.to_thread(self._upload, bytes(body), name)
+        scores = await self._scores(upload.clips)
+        return Response(self._prediction(upload, scores).model_dump_json(exclude_none=True), media_type="application/json")
 
     @bentoml.api
     @client_errors
     async def features(self, audio: Path) -> Features:
         """The log-mel features of one upload (its first window, with segments), as the features
         folder holds them (for parity checks)."""
-        clips = (await self._uploads([audio], [upload_name(audio)]))[0]
+        clips = (await self._uploads([audio], [upload_name(audio)]))[0].clips
         feats = await asyncio.to_thread(log_mel_batch, clips[:1], self.features_params)
         return Features(features=feats[0][0].tolist(), shape=list(feats[0][0].shape), **self.model_info)
 
@@ -282,7 +219,7 @@ class Soundline:
     @client_errors
     async def embed(self, audio: Path) -> Embedding:
         """One upload → the encoder embedding (the mean over its windows, with segments)."""
-        clips = (await self._uploads([audio], [upload_name(audio)]))[0]
+        clips = (await self._uploads([audio], [upload_name(audio)]))[0].clips
         emb = await asyncio.to_thread(self._embed, clips)
         return Embedding(embedding=emb.tolist(), dim=len(emb), **self.model_info)
 
@@ -303,4 +240,7 @@ class Soundline:
                        files=files, **self.model_info)
 
 
-Soundline.add_asgi_middleware(UploadLimit)
+Soundline.add_asgi_middleware(
+    RequestGuard, limit=lambda: bentoml.get_current_service().max_upload_bytes,
+    fields={f"/{name}": {field: field in api.input_spec.multipart_fields for field in api.input_spec.model_fields}
+            for name, api in Soundline.apis.items()})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -52,19 +53,24 @@ class SpecResNet(nn.Module):
     Input (B, in_chans, n_mels, frames), or (B, n_mels, frames) when ``in_chans == 1``. The stem
     is Conv3x3 with ``stem_stride`` (freq, time) - BN - ReLU, then MaxPool ``stem_pool``. Stage
     ``i`` has ``blocks[i]`` residual blocks of width ``widths[i]``; every stage after the first
-    halves both axes in its first block. ``num_classes == 1`` gives one logit (binary tasks).
+    halves both axes in its first block. ``pool``: ``mean`` (global average) or ``meanstd``
+    (mean and standard deviation of each channel over the map: statistics pooling, which keeps
+    how much a pattern varies, e.g. dropouts or clipping that come and go). ``num_classes == 1``
+    gives one logit (binary tasks).
     """
 
     def __init__(self, num_classes: int = 2, in_chans: int = 1, stem_channels: int = 32,
                  stem_stride: tuple[int, int] = (2, 2), stem_pool: tuple[int, int] = (2, 2),
                  widths: tuple[int, ...] = (32, 64, 128), blocks: tuple[int, ...] = (2, 2, 2),
-                 kind: BlockKind = "basic", dropout: float = 0.2) -> None:
+                 kind: BlockKind = "basic", dropout: float = 0.2, pool: Literal["mean", "meanstd"] = "mean") -> None:
         super().__init__()
         if len(widths) != len(blocks):
             raise ValueError(f"need one block count per stage: {len(widths)} widths, {len(blocks)} blocks")
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-        self.in_chans = in_chans
+        if pool not in ("mean", "meanstd"):
+            raise ValueError(f"unknown pool {pool!r}; valid: mean, meanstd")
+        self.in_chans, self.pool = in_chans, pool
         stem: list[nn.Module] = [nn.Conv2d(in_chans, stem_channels, 3, stride=tuple(stem_stride), padding=1, bias=False),
                                  nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True)]
         if tuple(stem_pool) != (1, 1):
@@ -77,8 +83,8 @@ class SpecResNet(nn.Module):
                 layers.append(BasicBlock(c_in, width, stride=2 if i > 0 and j == 0 else 1, kind=kind))
                 c_in = width
         self.stages = nn.Sequential(*layers)
-        self.embed_dim = c_in
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(c_in, num_classes))
+        self.embed_dim = c_in * (2 if pool == "meanstd" else 1)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.embed_dim, num_classes))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -89,8 +95,9 @@ class SpecResNet(nn.Module):
                 nn.init.zeros_(module.body[-1].weight)  # every block starts as the identity
 
     def embed(self, specs: Tensor) -> Tensor:
-        """(B, C, n_mels, frames) -> (B, widths[-1]) pooled features."""
-        return self.stages(self.stem(as_spec_batch(specs, self.in_chans))).mean(dim=(-2, -1))
+        """(B, C, n_mels, frames) -> (B, embed_dim) pooled features (widths[-1], twice with meanstd)."""
+        x = self.stages(self.stem(as_spec_batch(specs, self.in_chans))).flatten(2)  # (B, C, F' T')
+        return x.mean(dim=-1) if self.pool == "mean" else torch.cat([x.mean(dim=-1), x.std(dim=-1)], dim=1)
 
     def forward(self, specs: Tensor) -> Tensor:
         """(B, C, n_mels, frames) -> logits (B, num_classes)."""

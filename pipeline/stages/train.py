@@ -22,9 +22,9 @@ from lightning.pytorch.utilities.model_summary import ModelSummary
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from safetensors.torch import save_file
 
-from pipeline import plots, tracking
+from pipeline import plots, profile, tracking
 from pipeline.config import Section, load_section
-from pipeline.contracts import FeatureMeta, FeaturesFolder, ModelFolder, ModelInfo, PretrainFolder
+from pipeline.contracts import FeaturesFolder, ModelFolder, ModelInfo, PretrainFolder
 from pipeline.features import BandNorm
 from pipeline.io import atomic_dir, file_digest, write_csv, write_json
 from pipeline.models.inference import embeddings, load_weights
@@ -157,8 +157,10 @@ def train_one(name: str, fold: int | None, index: pd.DataFrame, ignored: set[str
 
 
 def export(model_dir: Path, work: Path, final: str, p: TrainParams, spec: dict, coder: LabelCoder,
-           meta: FeatureMeta, trained_on: pd.DataFrame, module: object) -> None:
-    """The final model's folder: weights (and centroids), model.json, its training files, config."""
+           folder: FeaturesFolder, manifest: pd.DataFrame | None, trained_on: pd.DataFrame, module: object) -> None:
+    """The final model's folder: weights (and centroids), model.json, its training files, the
+    profile of its training data (the service's drift guard; needs the manifest), config."""
+    meta = folder.meta()
     selection = (f"refit on every training row for {p.trainer.max_epochs} epochs" if final == REFIT
                  else f"best fold by {p.trainer.monitor} ({p.trainer.monitor_mode})")
     with atomic_dir(model_dir) as tmp:
@@ -171,12 +173,15 @@ def export(model_dir: Path, work: Path, final: str, p: TrainParams, spec: dict, 
             features=meta.features, label_column=meta.label_column, fold=final, selection=selection, seed=p.seed,
             input_norm=meta.fold_norm("train" if final == REFIT else final), segment=meta.segment))
         trained_on[["path", "label"]].to_csv(out.training_files_path, index=False, lineterminator="\n")
+        if manifest is not None:
+            files = manifest[manifest["path"].isin(trained_on["file"])]
+            write_json(out.profile_path, profile.build(files, folder.array(), trained_on["row"].to_numpy()).model_dump())
         (tmp / "config_used.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
         (tmp / "model_summary.txt").write_text(str(ModelSummary(module, max_depth=2)))
 
 
 def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainParams, work: Path,
-        model_dir: Path, curves_out: Path, run_file: Path) -> dict:
+        model_dir: Path, curves_out: Path, run_file: Path, manifest_file: Path | None = None) -> dict:
     folder = FeaturesFolder(features_dir)
     index, meta = folder.index(), folder.meta()
     if p.augment.noise_db and meta.features.normalize != "peak":
@@ -203,7 +208,8 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
                                   or (p.folds is not None and p.final != REFIT))
         final = summary["final_fold"]
         trained_on = fold_rows(index, ignored, None if final == REFIT else int(final.removeprefix("fold_")), p)[0]
-        export(model_dir, work, final, p, spec, coder, meta, trained_on, runs[final][1])
+        manifest = None if manifest_file is None else pd.read_parquet(manifest_file)
+        export(model_dir, work, final, p, spec, coder, folder, manifest, trained_on, runs[final][1])
         history = pd.concat([read_history(work / name / "history.csv") for name in runs], ignore_index=True)
         write_csv(curves_out, history)
         stage.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
@@ -233,6 +239,7 @@ def summarize(results: list[dict], p: TrainerParams) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=Path, required=True)
+    parser.add_argument("--manifest", type=Path, help="validate_raw's manifest: the model's drift profile")
     parser.add_argument("--ignored", type=Path, required=True, help="filter stage output")
     parser.add_argument("--pretrained", type=Path, required=True, help="pretrain stage model folder")
     parser.add_argument("--work", type=Path, required=True, help="fold checkpoints (persisted for resume)")
@@ -245,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = load_section("train", TrainParams, args.params)
         summary = run(args.features, args.ignored, args.pretrained, params, args.work, args.model,
-                      args.curves, args.run_id)
+                      args.curves, args.run_id, args.manifest)
     except (ValueError, FileNotFoundError, tracking.TrackingUnavailable) as err:
         sys.exit(f"train: {err}")
     write_json(args.metrics, summary)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 import great_expectations as gx
-import numpy as np
 import pandas as pd
 from pydantic import Field
 
@@ -23,9 +22,6 @@ from pipeline.config import Section, load_section
 from pipeline.expectations import SuiteReport, Table, validate
 from pipeline.io import read_metadata, write_json, write_parquet
 from pipeline.parallel import pmap
-
-CLIP_LEVEL = 0.999  # |sample| at or above this (full scale 1.0) counts as clipped
-SILENCE_RMS = 1e-3  # a 20 ms frame below -60 dBFS counts as silent
 
 
 class RawParams(Section):
@@ -56,15 +52,8 @@ def describe(path: Path, rel: str) -> dict:
     except (audio.AudioError, OSError) as err:
         row["error"] = getattr(err, "problem", str(err))
         return row
-    mono = audio.to_mono(samples)
-    frame = max(1, info.sample_rate // 50)
-    usable = len(mono) // frame * frame
-    frame_rms = np.sqrt(np.mean(mono[:usable].reshape(-1, frame) ** 2, axis=1)) if usable else np.zeros(1)
     row.update(readable=True, finite=True, sample_rate=info.sample_rate, channels=info.channels,
-               bit_depth=info.bit_depth, duration_s=info.duration_s,
-               peak=float(np.abs(samples).max()), rms=float(np.sqrt(np.mean(samples ** 2))),
-               clipping_fraction=float(np.mean(np.abs(samples) >= CLIP_LEVEL)),
-               silence_fraction=float(np.mean(frame_rms < SILENCE_RMS)))
+               bit_depth=info.bit_depth, duration_s=info.duration_s, **audio.signal_stats(samples, info.sample_rate))
     return row
 
 

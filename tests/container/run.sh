@@ -151,10 +151,11 @@ until curl -fsS "$URL/readyz" >/dev/null 2>&1; do
   [ "$(date +%s)" -lt "$deadline" ] || fail "service not ready after $READY_TIMEOUT_S s"
   sleep 1
 done
-WAV=$(find "$T/repo/data/raw" -name '*.wav' | sort | head -1)
+# sed reads its whole input: `sort | head -1` can kill sort with SIGPIPE, which pipefail reports
+WAV=$(find "$T/repo/data/raw" -name '*.wav' | sort | sed -n 1p)
 step "POST /classify with ${WAV#"$T/repo/"}"
 curl -fsS -F "audio=@$WAV;type=audio/wav" "$URL/classify" > "$T/classify.json" \
-  || fail "POST /classify failed: $(curl -sS -F "audio=@$WAV" "$URL/classify" 2>&1 | head -c 500)"
+  || fail "POST /classify failed: $(curl -sS -F "audio=@$WAV" "$URL/classify" 2>&1 | cut -c1-500)"
 python3 - "$T/classify.json" "$T/repo/reports/package.json" <<'PY' || fail "unexpected /classify answer: $(head -c 500 "$T/classify.json")"
 import json, sys
 body, package = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))

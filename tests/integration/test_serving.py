@@ -32,13 +32,14 @@ pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 180.0
 
 
-def _model_folder(folder: Path) -> Path:
-    """A tiny CNN with random weights, exported as the train stage does (model.json + safetensors)."""
+def _model_folder(folder: Path, features: FeatureParams | None = None) -> Path:
+    """A CNN with random weights, exported as the train stage does (model.json + safetensors), for
+    the repo's feature parameters or ``features``."""
     import torch
 
     torch.manual_seed(0)
     feats = yaml.safe_load((REPO / "params.yaml").read_text())["featurize"]["features"]
-    fp = FeatureParams.model_validate(feats)
+    fp = features or FeatureParams.model_validate(feats)
     spec = make_spec(ModelParams(), fp.n_mels, fp.frames, "classifier", num_outputs=1)
     network = build_network(spec).eval()
     folder.mkdir(parents=True)
@@ -46,6 +47,18 @@ def _model_folder(folder: Path) -> Path:
     ModelFolder(folder).write_info(ModelInfo(spec=spec, classes=["bad", "good"], binary=True, positive_class="good",
                                              features=fp, label_column="quality", fold="fold_0"))
     return folder
+
+
+def _write_profile(model_dir: Path, training: list[Path]) -> None:
+    """The drift profile of ``training`` recordings, as the train stage writes it."""
+    from pipeline import profile
+    from pipeline.io import write_json
+    from pipeline.stages.validate_raw import describe
+
+    model = ExportedModel.load(model_dir)
+    files = pd.DataFrame([describe(p, p.name) for p in training])
+    feats = log_mel_batch([audio.load(p, model.info.features.sample_rate) for p in training], model.info.features)[0]
+    write_json(ModelFolder(model_dir).profile_path, profile.build(files, feats, np.arange(len(feats))).model_dump())
 
 
 def _wav(samples: np.ndarray, sr: int, subtype: str = "PCM_16") -> bytes:
@@ -61,6 +74,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Itera
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "SOUNDLINE_PARAMS": str(REPO / "params.yaml")}
     recordings = sorted((shared_data / "fsdd" / "recordings").glob("*.wav"))[:6]
     model_dir = _model_folder(root / "model")
+    _write_profile(model_dir, sorted((shared_data / "fsdd" / "recordings").glob("*.wav"))[::25])
     # Register it exactly as the register stage does (first version: takes @champion).
     features = root / "features"
     features.mkdir()
@@ -255,3 +269,121 @@ def test_concurrent_requests_are_batched(served: dict) -> None:
     clips = _metric(after, "soundline_model_batch_size_sum") - _metric(before, "soundline_model_batch_size_sum")
     assert clips == 48, after[:2000]
     assert calls < 48  # some model calls served several requests at once
+
+
+# --- hostile requests: every client mistake is a 4xx naming it, and the service stays up -------------
+
+def _fmt_changed(data: bytes, **fields: int) -> bytes:
+    import struct
+
+    pos = data.index(b"fmt ") + 8
+    names = ("tag", "channels", "rate", "byte_rate", "align", "bits")
+    values = dict(zip(names, struct.unpack("<HHIIHH", data[pos:pos + 16])))
+    values.update(fields)
+    return data[:pos] + struct.pack("<HHIIHH", *(values[n] for n in names)) + data[pos + 16:]
+
+
+def test_form_field_of_another_name_is_a_400_naming_it(served: dict) -> None:
+    data = served["recordings"][0].read_bytes()
+    resp = served["client"].post("/classify", files={"sound": ("a.wav", data, "audio/wav")})
+    assert resp.status_code == 400 and "unexpected form field 'sound'" in resp.json()["error"]
+    assert "audio" in resp.json()["error"]
+    _assert_ok(_post(served, data), served)
+
+
+def test_overlong_file_name_and_part_headers_are_400s(served: dict) -> None:
+    data = served["recordings"][0].read_bytes()
+    resp = served["client"].post("/classify", files={"audio": ("x" * 3000 + ".wav", data, "audio/wav")})
+    assert resp.status_code == 400 and "file name of 3004 characters exceeds the limit of 255" in resp.json()["error"]
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"a.wav\"\r\n"
+            f"X-Padding: {'y' * 20000}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    resp = served["client"].post("/classify", content=body,
+                                 headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert resp.status_code == 400 and "malformed multipart body" in resp.json()["error"]
+    _assert_ok(_post(served, data), served)
+
+
+@pytest.mark.parametrize(("fields", "words"), [
+    ({"bits": 12, "align": 1}, "12 bits per sample"),
+    ({"byte_rate": 7}, "byte rate 7"),
+    ({"tag": 0x0055}, "unsupported WAV codec"),
+])
+@pytest.mark.parametrize("raw", [False, True], ids=["multipart", "raw-body"])
+def test_inconsistent_wav_headers_are_422s(served: dict, fields: dict, words: str, raw: bool) -> None:
+    resp = _post(served, _fmt_changed(_wav(0.1 * np.ones(8000, np.float32), 8000), **fields), name="odd.wav", raw=raw)
+    assert resp.status_code == 422, resp.text
+    assert words in resp.json()["problem"] and resp.json()["file"] == "odd.wav"
+
+
+def test_fuzzed_wav_headers_and_multipart_bodies_never_get_a_5xx(served: dict) -> None:
+    """Property: whatever the header fields and the form look like, the answer is no 5xx, and the
+    service stays ready."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    client, clean = served["client"], _wav(0.1 * np.sin(np.arange(4000, dtype=np.float32)), 8000)
+    u16, u32 = st.integers(0, 2**16 - 1), st.integers(0, 2**32 - 1)
+
+    @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(tag=st.sampled_from([0, 1, 3, 6, 7, 0x55, 0xFFFE]) | u16, channels=st.integers(0, 9) | u16,
+           rate=st.sampled_from([0, 1, 8000, 44100]) | u32, byte_rate=u32, align=st.integers(0, 16) | u16,
+           bits=st.sampled_from([0, 8, 12, 16, 24, 32, 64]) | u16, cut=st.integers(0, len(clean)),
+           field=st.sampled_from(["audio", "audios", "sound", "", "audio\"x"]),
+           filename=st.text(min_size=0, max_size=400), raw=st.booleans())
+    def check(tag, channels, rate, byte_rate, align, bits, cut, field, filename, raw):
+        data = _fmt_changed(clean, tag=tag, channels=channels, rate=rate, byte_rate=byte_rate, align=align,
+                            bits=bits)[:cut]
+        if raw:
+            resp = client.post("/raw/classify", params={"name": filename}, content=data)
+        else:
+            resp = client.post("/classify", files={field: (filename, data, "audio/wav")})
+        assert resp.status_code < 500, (resp.status_code, resp.text[:300])
+
+    check()
+    assert client.get("/readyz").status_code == 200
+    _assert_ok(_post(served, served["recordings"][0].read_bytes()), served)
+
+
+# --- the drift guard and command-line prediction ------------------------------------------------------
+
+def test_every_answer_says_whether_the_input_looks_like_the_training_data(served: dict) -> None:
+    from tests.integration.test_drift import heart_like
+
+    ok = _assert_ok(_post(served, served["recordings"][0].read_bytes()), served)
+    assert ok["in_distribution"] is True and ok["drift"] == []
+    heart = _assert_ok(_post(served, heart_like(), name="heart.wav"), served)  # warn: labelled, and flagged
+    assert heart["in_distribution"] is False and "sample_rate" in heart["drift"]
+    raw = _assert_ok(_post(served, heart_like(), name="heart.wav", raw=True), served)
+    assert raw["drift"] == heart["drift"]
+    metrics = served["client"].get("/metrics").text
+    assert _metric(metrics, 'soundline_drift_failures_total{check="sample_rate"}') >= 2
+    assert _metric(metrics, 'soundline_drift_inputs_total{in_distribution="false"}') >= 2
+
+
+def test_predict_cli_answers_as_the_service(served: dict, tmp_path: Path) -> None:
+    from tests.integration.test_drift import heart_like
+
+    (tmp_path / "in").mkdir()
+    for path in served["recordings"][:3]:
+        (tmp_path / "in" / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "in" / "heart.wav").write_bytes(heart_like())
+    (tmp_path / "in" / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
+    out = tmp_path / "predictions.json"
+    env = {**subprocess_env(), "BENTOML_HOME": str(served["root"] / "bentoml")}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.predict", str(tmp_path / "in"), "--model",
+                           served["package"]["bento_tag"], "--out", str(out), "--mc-dropout", "5"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "broken.wav" in proc.stderr  # the undecodable file is named, not fatal
+    result = json.loads(out.read_text())
+    by_file = {Path(r["file"]).name: r for r in result["predictions"]}
+    assert set(by_file) == {p.name for p in served["recordings"][:3]} | {"heart.wav"}
+    assert list(result["errors"]) == [str(tmp_path / "in" / "broken.wav")]
+    for name, row in by_file.items():
+        data = (tmp_path / "in" / name).read_bytes()
+        body = _assert_ok(_post(served, data, name=name), served)
+        assert row["label"] == body["label"] and row["in_distribution"] == body["in_distribution"]
+        assert row["drift"] == ",".join(body["drift"])
+        np.testing.assert_allclose([row[f"prob_{c}"] for c in body["probabilities"]],
+                                   list(body["probabilities"].values()), atol=1e-5)
+        assert 0 <= row["prob_mc_low"] <= row["prob_mc_high"] <= 1

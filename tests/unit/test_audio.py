@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import math
 from pathlib import Path
 
@@ -187,3 +188,26 @@ def test_write_wav_is_deterministic(tmp_path: Path) -> None:
     audio.write_wav(tmp_path / "a.wav", wave, SR)
     audio.write_wav(tmp_path / "b.wav", wave, SR)
     assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+
+
+# --- WAV headers that contradict themselves ---------------------------------------------------------
+
+def _with_fmt(data: bytes, **fields: int) -> bytes:
+    """``data`` (a WAV from soundfile) with fields of its fmt chunk replaced."""
+    pos = data.index(b"fmt ") + 8
+    names = ("tag", "channels", "rate", "byte_rate", "align", "bits")
+    values = dict(zip(names, struct.unpack("<HHIIHH", data[pos:pos + 16])))
+    values.update(fields)
+    return data[:pos] + struct.pack("<HHIIHH", *(values[n] for n in names)) + data[pos + 16:]
+
+
+@pytest.mark.parametrize(("fields", "words"), [
+    ({"bits": 12, "align": 1}, "12 bits per sample"),
+    ({"align": 3}, "block align 3 bytes"),
+    ({"byte_rate": 1234}, "byte rate 1234"),
+    ({"tag": 0x0055}, "unsupported WAV codec (format tag 0x0055)"),
+    ({"channels": 0}, "0 channels"),
+])
+def test_inconsistent_fmt_chunks_are_named(fields: dict, words: str) -> None:
+    err = _error(_with_fmt(wav_bytes(smooth_wave()), **fields), name="odd.wav")
+    assert str(err).startswith("odd.wav: ") and words in err.problem
