@@ -198,13 +198,33 @@ class StageRun:
             yield run
 
 
+class NoRun:
+    """Stands in for a :class:`StageRun` where nothing may be recorded (the extra processes of a
+    multi-process run): every method does nothing, a child is itself."""
+
+    run_id = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("log_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    @contextmanager
+    def child(self, name: str, params: Params | None = None) -> Iterator[NoRun]:
+        yield self
+
+
 @contextmanager
 def stage_run(
-    stage: str, params: Params, tags: Mapping[str, str] | None = None
-) -> Iterator[StageRun]:
+    stage: str, params: Params, tags: Mapping[str, str] | None = None, record: bool = True
+) -> Iterator[StageRun | NoRun]:
     """Record a stage as an MLflow run with its params and provenance tags.
 
-    The run ends FINISHED, or FAILED when the block raises (the exception propagates)."""
+    The run ends FINISHED, or FAILED when the block raises (the exception propagates).
+    ``record=False`` yields a :class:`NoRun` instead and touches no server."""
+    if not record:
+        yield NoRun()
+        return
     client = _client()
     check_reachable()
     experiment_id = _experiment_id(experiment_name())
@@ -256,12 +276,15 @@ def read_run_id(path: Path | str) -> dict[str, str]:
     return record
 
 
-def lightning_logger(run: StageRun) -> MLFlowLogger:
-    """A Lightning ``MLFlowLogger`` writing into ``run`` rather than a run of its own.
+def lightning_logger(run: StageRun | NoRun) -> MLFlowLogger | None:
+    """A Lightning ``MLFlowLogger`` writing into ``run`` rather than a run of its own (None for a
+    :class:`NoRun`).
 
     Lightning marks the run terminated when ``fit`` ends; the ``with`` block ends it again."""
     from lightning.pytorch.loggers import MLFlowLogger  # heavy import; only training needs it
 
+    if isinstance(run, NoRun):
+        return None
     return MLFlowLogger(run_id=run.run_id, tracking_uri=run.tracking_uri, log_model=False)
 
 

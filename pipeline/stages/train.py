@@ -31,7 +31,7 @@ from pipeline.models.inference import embeddings, load_weights
 from pipeline.models.networks import ModelParams, backbone_of, build_network, make_spec
 from pipeline.training.config import AugmentParams, SpecAugmentParams, TrainerParams
 from pipeline.training.data import FeatureDataModule, LabelCoder
-from pipeline.training.kfold import fingerprint, fit_fold, prepare_workdir, read_history, seed_all
+from pipeline.training.kfold import fingerprint, fit_fold, is_main_process, prepare_workdir, read_history, seed_all
 from pipeline.training.losses import LOSS_ALIASES, TripletLoss, build_loss
 from pipeline.training.modules import ClassifierModule, TripletModule
 
@@ -149,7 +149,7 @@ def train_one(name: str, fold: int | None, index: pd.DataFrame, ignored: set[str
         result = fit_fold(name, module, datamodule, p.trainer, work / name, tracking.lightning_logger(child),
                           validate=fold is not None)
         child.log_metrics({f"best/{k}": v for k, v in result["metrics"].items()})
-    if p.mode == "triplet" and not (work / name / "centroids.safetensors").exists():
+    if p.mode == "triplet" and is_main_process() and not (work / name / "centroids.safetensors").exists():
         load_weights(module.network, work / name / "model.safetensors")
         save_file({k: torch.from_numpy(v) for k, v in centroids(module, folder.array(), train, coder, norm).items()},
                   str(work / name / "centroids.safetensors"))
@@ -193,15 +193,24 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
     spec = make_spec(p.model, meta.n_mels, meta.frames, task, coder.num_outputs)
     pretrained = pretrained_weights(pretrained_dir, spec) if p.init_from_pretrain else None
     folds = p.folds if p.folds is not None else sorted(index.loc[index["split"] == "train", "fold"].unique())
-    prepare_workdir(work, fingerprint(p.model_dump(), sorted(ignored), folder.content_id(),
-                                      None if pretrained is None else file_digest(pretrained)))
-    with tracking.stage_run("train", p) as stage:
-        tracking.write_run_id(run_file, stage)
+    # Under DDP (trainer.strategy: ddp) Lightning runs this stage once per process; every process
+    # takes part in the fits, the main one alone prepares, records and exports.
+    main_process = is_main_process()
+    if main_process:
+        prepare_workdir(work, fingerprint(p.model_dump(), sorted(ignored), folder.content_id(),
+                                          None if pretrained is None else file_digest(pretrained)))
+    with tracking.stage_run("train", p, record=main_process) as stage:
+        if main_process:
+            tracking.write_run_id(run_file, stage)
         runs = {f"fold_{f}": train_one(f"fold_{f}", int(f), index, ignored, p, spec, coder, folder, pretrained,
                                        work, stage) for f in folds}
-        summary = summarize([result for result, _ in runs.values()], p.trainer) if runs else {"folds": 0}
         if p.final == REFIT:
             runs[REFIT] = train_one(REFIT, None, index, ignored, p, spec, coder, folder, pretrained, work, stage)
+        if not main_process:
+            return {}
+        cv = [result for name, (result, _) in runs.items() if name != REFIT]
+        summary = summarize(cv, p.trainer) if cv else {"folds": 0}
+        if p.final == REFIT:
             summary["final_fold"] = REFIT
         # A partial run must never reach the registry's champion (see the register stage).
         summary["partial"] = bool(p.trainer.fast_dev_run or p.trainer.overfit_batches
@@ -255,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
                       args.curves, args.run_id, args.manifest)
     except (ValueError, FileNotFoundError, tracking.TrackingUnavailable) as err:
         sys.exit(f"train: {err}")
+    if not summary:  # an extra process of a multi-process run: the main one writes
+        return
     write_json(args.metrics, summary)
     print(f"train: final fold {summary['final_fold']}; " + ", ".join(
         f"{k}={v:.4f}" for k, v in summary.items() if k.endswith("_mean")))

@@ -91,9 +91,9 @@ class FeatureDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.dataset(split)
         sampler = None
-        if split == "train" and self.oversample:
-            sampler = oversampler(data.targets, self.p.seed)
-            shuffle = False
+        if split == "train":
+            weights = balanced_weights(data.targets) if self.oversample else None
+            sampler, shuffle = EpochSampler(len(data), self.p.seed, weights), False
         workers = self.p.num_workers
         return DataLoader(data, batch_size=self.p.batch_size, shuffle=shuffle, sampler=sampler,
                           num_workers=workers, pin_memory=self.p.pin_memory,
@@ -111,11 +111,33 @@ class FeatureDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
-def oversampler(targets: np.ndarray, seed: int) -> torch.utils.data.WeightedRandomSampler:
-    """oversample_minority: draw each class equally often by sampling minority rows with replacement."""
+def balanced_weights(targets: np.ndarray) -> np.ndarray:
+    """oversample_minority: per-row weights that draw each class equally often."""
     counts = np.bincount(targets)
-    weights = 1.0 / counts[targets]
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double),
-                                                  num_samples=len(targets), replacement=True,
-                                                  generator=generator)
+    return 1.0 / counts[targets]
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """The training rows of one epoch: a permutation, or ``weights``-proportional draws with
+    replacement (oversampling), from a generator seeded with ``seed + epoch``.
+
+    The order follows from the seed and the epoch alone (Lightning sets the epoch before every
+    epoch, a resumed one included), so a run resumed from a checkpoint sees the batches an
+    uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.weights is None:
+            return iter(torch.randperm(self.n, generator=generator).tolist())
+        return iter(torch.multinomial(self.weights, self.n, replacement=True, generator=generator).tolist())

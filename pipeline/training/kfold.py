@@ -60,6 +60,16 @@ def prepare_workdir(work: Path, key: str) -> None:
     stamp.write_text(key + "\n")
 
 
+def is_main_process() -> bool:
+    """False in the extra processes of a multi-process (DDP) run, which must not write outputs.
+
+    Lightning reads the rank from the launcher's environment when it is imported.
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
 def seed_all(seed: int) -> None:
     """Seed Python, NumPy and torch (and DataLoader workers): call before building a network, so
     its initial weights follow from the seed."""
@@ -67,17 +77,20 @@ def seed_all(seed: int) -> None:
 
 
 class ReseedEachEpoch(Callback):
-    """Seed every training epoch with ``seed + epoch``.
+    """Seed every training epoch with ``seed + epoch`` at its first batch.
 
-    Shuffling, masking and augmentation of an epoch then follow from the seed and the epoch
-    alone, so a fold resumed from its last checkpoint continues exactly as an uninterrupted run.
+    Masking and augmentation of an epoch then follow from the seed and the epoch alone (the
+    batches' order does too: ``EpochSampler``), so a fold resumed from its last checkpoint
+    continues exactly as an uninterrupted run. The first batch, not the epoch's start: Lightning
+    skips on_train_epoch_start for the epoch a run resumes with.
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        seed_all(self.seed + trainer.current_epoch)
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            seed_all(self.seed + trainer.current_epoch)
 
 
 class ProgressBar(RichProgressBar):
@@ -96,7 +109,7 @@ class EpochHistory(Callback):
         self.path, self.fold = path, fold
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run:
+        if trainer.sanity_checking or trainer.fast_dev_run or not trainer.is_global_zero:
             return
         row = {"fold": self.fold, "epoch": trainer.current_epoch,
                **{k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}}
@@ -150,11 +163,12 @@ def fit_fold(name: str, module: L.LightningModule, datamodule: L.LightningDataMo
         metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     else:
         metrics = {k: v for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    save_file({k: v.contiguous() for k, v in module.network.state_dict().items()},
-              str(fold_dir / "model.safetensors"))
     score = metrics.get(p.monitor)
     result = {"fold": name, "monitor": p.monitor, "score": None if score is None else float(score),
               "best_checkpoint": best, "epochs": trainer.current_epoch, "resumed": resumed,
               "metrics": {k: float(v) for k, v in metrics.items()}}
-    write_json(result_file, result)  # written last: its presence marks the fold complete
+    if trainer.is_global_zero:  # under DDP every process gets here; one writes
+        save_file({k: v.contiguous() for k, v in module.network.state_dict().items()},
+                  str(fold_dir / "model.safetensors"))
+        write_json(result_file, result)  # written last: its presence marks the fold complete
     return {**result, "skipped": False}

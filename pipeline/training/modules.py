@@ -41,8 +41,9 @@ class _Base(L.LightningModule):
 
     def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> Tensor:
         out = self.model_step(batch, stage)
+        # sync_dist: the mean over every process of a multi-process run (a no-op in one process)
         self.log(f"{stage}/loss", out["loss"], prog_bar=True, on_step=False, on_epoch=True,
-                 batch_size=len(batch[0]))
+                 batch_size=len(batch[0]), sync_dist=True)
         if self.metrics is not None:
             metrics = self.metrics[f"{stage}_metrics"]
             metrics.update(out["probs"], out["targets"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from safetensors.torch import load_file
 
 from pipeline.stages import filter as filter_stage
 from pipeline import tracking
-from pipeline.stages import pretrain, train
+from pipeline.stages import evaluate, pretrain, train
 from pipeline.models.networks import ModelParams
 from pipeline.training.data import LabelCoder
 from pipeline.models.networks import backbone_of, build_network, make_spec
@@ -412,6 +413,14 @@ def test_killed_train_stage_resumes(tmp_path: Path) -> None:
     metrics = json.loads(p.train_metrics.read_text())
     assert metrics["resumed_folds"] >= 1 and metrics["skipped_folds"] >= 1 and metrics["folds"] == 2
     assert all((p.train_work / f"fold_{k}" / "result.json").exists() for k in (0, 1))
+    # Every epoch reseeds with seed + epoch: the resumed fold is the fold an uninterrupted run trains.
+    fresh = Paths(tmp_path / "uninterrupted")
+    shutil.copytree(p.features, fresh.features)
+    empty_ignored(fresh.ignored)
+    shutil.copy2(p.params, fresh.params)
+    assert _run_to_completion([sys.executable, "-m", "pipeline.stages.train", *train_args(fresh)], fresh,
+                              tmp_path / "fresh.log").returncode == 0
+    assert sha256(fresh.train_work / "fold_1" / "model.safetensors") == sha256(fold1 / "model.safetensors")
 
     # A changed param changes the fingerprint: the rerun starts over and wipes the old folds.
     key = (p.train_work / "fingerprint.txt").read_text()
@@ -514,3 +523,62 @@ def test_pretrain_unknown_train_class_is_named(tmp_path: Path, monkeypatch: pyte
     assert message.startswith("pretrain: ") and "ugly" in message and "train_classes" in message
     assert "good" not in message.split("not among")[0]  # only the unknown class is blamed
     assert not p.pretrain_model.exists() and not p.recon.exists()
+
+
+# --- the multi-process (DDP) path: 2 CPU processes over gloo --------------------------------------
+
+DDP = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
+
+
+def test_ddp_train_matches_one_process_evaluates_and_resumes_after_a_kill(tmp_path: Path) -> None:
+    """trainer.strategy: ddp on 2 CPU processes: the exported model loads and evaluates like a
+    one-process run's (same global batch), and a run killed mid-fold resumes from its checkpoint."""
+    p = Paths(tmp_path)
+    write_synthetic_features(p.features)
+    empty_ignored(p.ignored)
+    one = {"train": {"folds": [0], "trainer": {"max_epochs": 12, "batch_size": 16, "patience": 100,
+                                               "progress_bar": False}}}
+    single = write_stage_params(tmp_path / "single.yaml", one)
+    ddp = write_stage_params(tmp_path / "ddp.yaml", one, {"train": {"trainer": {**DDP, "batch_size": 8}}})
+    args = lambda params, name: ["--features", str(p.features), "--ignored", str(p.ignored),  # noqa: E731
+                                 "--pretrained", "none", "--work", str(tmp_path / f"{name}_work"),
+                                 "--model", str(tmp_path / f"{name}_model"), "--curves", str(tmp_path / f"{name}.csv"),
+                                 "--metrics", str(tmp_path / f"{name}.json"), "--run-id", str(tmp_path / f"{name}_run.json"),
+                                 "--params", str(params)]
+    assert _run_to_completion([sys.executable, "-m", "pipeline.stages.train", *args(single, "one")], p,
+                              tmp_path / "one.log").returncode == 0, (tmp_path / "one.log").read_text()[-3000:]
+
+    cmd = [sys.executable, "-m", "pipeline.stages.train", *args(ddp, "ddp")]
+    fold = tmp_path / "ddp_work" / "fold_0"
+    log = tmp_path / "ddp_first.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=p.root, env=_child_env(p), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + RESUME_TIMEOUT_S
+            while not ((fold / "checkpoints" / "last.ckpt").exists() and _rows(fold / "history.csv") >= 2):
+                assert proc.poll() is None, f"ddp train exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+        finally:
+            _kill_group(proc)  # both processes, no chance to clean up
+    assert "distributed_backend=gloo" in log.read_text() and "Starting with 2 processes" in log.read_text()
+    assert not (fold / "result.json").exists()
+    second = _run_to_completion(cmd, p, tmp_path / "ddp_second.log")
+    assert second.returncode == 0, (tmp_path / "ddp_second.log").read_text()[-3000:]
+    result = json.loads((fold / "result.json").read_text())
+    assert result["resumed"] is True and result["epochs"] == 12
+    assert (tmp_path / "ddp_model" / "model.safetensors").is_file()  # written once, by the main process
+
+    ones, ddps = (json.loads((tmp_path / f"{n}.json").read_text())["per_fold"]["fold_0"] for n in ("one", "ddp"))
+    assert abs(ones["val/acc"] - ddps["val/acc"]) <= 0.2 and abs(ones["val/loss"] - ddps["val/loss"]) <= 0.3
+    scores = {}
+    for name in ("one", "ddp"):
+        out = {k: tmp_path / f"{name}_{k}.csv" for k in ("predictions", "segments", "groups")}
+        out.update(metrics=tmp_path / f"{name}_eval.json", plots=tmp_path / f"{name}_plots",
+                   run_id=tmp_path / f"{name}_eval_run.json")
+        with pytest.MonkeyPatch.context() as mp:
+            local_tracking(mp, p)
+            scores[name] = evaluate.run(p.features, p.ignored, tmp_path / f"{name}_model", tmp_path / "none",
+                                        evaluate.EvaluateParams(bootstrap_resamples=100), out)
+    assert abs(scores["one"]["files"]["accuracy"]["value"] - scores["ddp"]["files"]["accuracy"]["value"]) <= 0.2

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from pipeline.stages.train import TrainParams, TripletParams, fold_rows, make_module, summarize
 from pipeline.models.networks import ModelParams
 from pipeline.training.config import TrainerParams
-from pipeline.training.data import FeatureDataModule, FeatureDataset, LabelCoder, oversampler
+from pipeline.training.data import EpochSampler, FeatureDataModule, FeatureDataset, LabelCoder, balanced_weights
 from pipeline.training.kfold import EpochHistory, fingerprint, fit_fold, prepare_workdir, read_history
 from pipeline.training.losses import LOSSES
 from pipeline.training.modules import ClassifierModule, MAEModule, TripletModule
@@ -252,12 +252,28 @@ def test_feature_dataset_modes_are_identical(features_dir: Path, index: pd.DataF
             assert torch.equal(a, b)
 
 
+def oversampler(targets: np.ndarray, seed: int) -> EpochSampler:
+    return EpochSampler(len(targets), seed, balanced_weights(targets))
+
+
 def test_oversampler_draws_classes_equally() -> None:
     targets = np.array([0] * 40 + [1] * 8)
     draws = np.concatenate([targets[list(oversampler(targets, seed=s))] for s in range(40)])
     assert len(draws) == 40 * 48
     assert 0.45 < draws.mean() < 0.55  # 1/6 without oversampling
     assert list(oversampler(targets, 3)) == list(oversampler(targets, 3))  # seeded
+
+
+def test_epoch_sampler_order_follows_seed_and_epoch_alone() -> None:
+    sampler = EpochSampler(20, seed=5)
+    sampler.set_epoch(3)
+    third = list(sampler)
+    torch.manual_seed(123)  # the global generator plays no part
+    again = EpochSampler(20, seed=5)
+    again.set_epoch(3)
+    assert list(again) == third and sorted(third) == list(range(20))
+    again.set_epoch(4)
+    assert list(again) != third
 
 
 def test_datamodule_oversamples_train_only(features_dir: Path, index: pd.DataFrame) -> None:
@@ -268,10 +284,13 @@ def test_datamodule_oversamples_train_only(features_dir: Path, index: pd.DataFra
     val = index[(index["split"] == "train") & (index["fold"] == 0)]
     dm = datamodule(features_dir, train, val, p, oversample=True)
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
-    targets = torch.cat([batch[1] for _ in range(20) for batch in dm.train_dataloader()]).float()
-    assert 0.35 < targets.mean() < 0.65  # 3 of 15 without oversampling
-    assert not isinstance(dm.val_dataloader().sampler, torch.utils.data.WeightedRandomSampler)
+    assert isinstance(loader.sampler, EpochSampler) and loader.sampler.weights is not None
+    batches = []
+    for epoch in range(20):
+        loader.sampler.set_epoch(epoch)
+        batches += [batch[1] for batch in loader]
+    assert 0.35 < torch.cat(batches).float().mean() < 0.65  # 3 of 15 without oversampling
+    assert not isinstance(dm.val_dataloader().sampler, EpochSampler)  # validation: in order, once each
     with pytest.raises(ValueError, match="no test rows"):
         dm.test_dataloader()
 
