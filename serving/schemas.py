@@ -26,6 +26,7 @@ class ServeParams(Section):
     # an input outside the training data's profile (pipeline.profile): still labelled and flagged
     # (warn), or refused with a 422 naming the failed checks (reject)
     drift: Literal["warn", "reject"] = "warn"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the machine has it
 
 
 class Served(BaseModel):

@@ -102,7 +102,7 @@ class Soundline:
         self.max_upload_bytes = int(self.settings.max_upload_mb * 2**20)
         ref = self.model_ref  # at serve time BentoML hands the instance the stored model itself
         stored = ref.resolve() if isinstance(ref, bentoml.models.BentoModel) else ref
-        self.model = ExportedModel.load(Path(stored.path))
+        self.model = ExportedModel.load(Path(stored.path), device=self.settings.device)
         self.profile = ModelFolder(Path(stored.path)).profile()  # None: a model exported without one
         self.features_params: FeatureParams = self.model.info.features
         labels = stored.info.labels

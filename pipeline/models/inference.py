@@ -65,7 +65,9 @@ def apply(fn: Callable[[Tensor], Tensor], model: nn.Module, features: np.ndarray
                 module.train()
     if len(rows) == 0:
         return np.empty(0, np.float32)
-    return np.concatenate([fn(x).cpu().numpy() for x in batches(features, np.asarray(rows), batch_size, norm)])
+    device = next(model.parameters()).device  # batches are built on the CPU, the network may not be
+    return np.concatenate([fn(x.to(device, non_blocking=True)).float().cpu().numpy()
+                           for x in batches(features, np.asarray(rows), batch_size, norm)])
 
 
 def reconstruction_losses(mae: AudioMAEViT, features: np.ndarray, rows: np.ndarray, seed: int = 0,
@@ -128,23 +130,26 @@ class ExportedModel:
         return self.info.binary
 
     @classmethod
-    def load(cls, folder: Path, inference: bool = True) -> ExportedModel:
+    def load(cls, folder: Path, inference: bool = True, device: str = "cpu") -> ExportedModel:
         """``inference``: fold BatchNorm and go channels-last (faster, same outputs); False keeps
-        the network as trained (BatchNorm layers intact), e.g. to log it for fine-tuning."""
+        the network as trained (BatchNorm layers intact), e.g. to log it for fine-tuning.
+        ``device``: where the network runs (``auto``: CUDA when present)."""
         model = ModelFolder(folder)
         info = model.info()
         network = load_weights(build_network(info.spec), model.weights_path).eval()
         if inference:
             prepare_for_inference(network)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         cents = load_file(str(model.centroids_path))["centroids"] if model.centroids_path.exists() else None
-        return cls(network, info, cents)
+        return cls(network.to(device), info, None if cents is None else cents.to(device))
 
     def class_probabilities(self, features: np.ndarray, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """(N, K) probabilities over ``classes`` (binary: columns [negative, positive]) of feature
         rows as the features folder or ``log_mel_batch`` hold them (standardised here if need be)."""
         if self.centroids is not None:
             emb = torch.from_numpy(embeddings(self.network, features, rows, batch_size, self.info.input_norm))
-            sims = torch.nn.functional.normalize(emb, dim=1) @ self.centroids.T
+            sims = torch.nn.functional.normalize(emb, dim=1) @ self.centroids.cpu().T
             return (sims * SIMILARITY_TEMPERATURE).softmax(-1).numpy()
         probs = probabilities(self.network, features, rows, self.binary, batch_size, norm=self.info.input_norm)
         return np.stack([1 - probs, probs], axis=1) if self.binary else probs
