@@ -59,7 +59,8 @@ SEEDS ?= 1
 COMPARE_SET ?= -S train.label_fraction=$(LABEL_FRACTION)
 VARIANTS = cnn cnn-focal mae-scratch mae-pretrained
 SET_cnn = -S train.model.arch=cnn
-SET_cnn-focal = -S train.model.arch=cnn -S train.loss=focal
+# the focal loss takes no label smoothing (the default recipe's weighted_ce does)
+SET_cnn-focal = -S train.model.arch=cnn -S train.loss=focal -S train.label_smoothing=0
 SET_mae-scratch = -S train.model.arch=mae -S train.init_from_pretrain=false
 SET_mae-pretrained = -S train.model.arch=mae -S train.init_from_pretrain=true
 queue = dvc exp run --queue -n $(1) $(COMPARE_SET) $(2) &&

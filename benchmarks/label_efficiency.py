@@ -4,7 +4,7 @@
 Per held-out speaker, through the pipeline's stages: the pretrain stage fits the masked
 autoencoder on every training clip of the other five speakers (no labels); the train stage then
 fine-tunes the MAE's encoder with a classification head on a seeded, stratified 10% of those
-clips (``train.init_from_pretrain: true``), and trains the identical network from random weights
+clips (``train.init_from_pretrain: true``, layer-wise lr decay ``LAYER_DECAY``), and trains the identical network from random weights
 on the same 10% (``false``). Features as in ``benchmarks/fsdd_params.yaml``.
 
 Writes benchmarks/results/label_efficiency.json; the last line is
@@ -36,6 +36,7 @@ from pipeline.stages import evaluate, featurize, pretrain, train, validate_raw  
 PATTERN = r"(?P<label>\d)_(?P<group>[a-z]+)_\d+\.wav"
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
 MODEL = {"arch": "mae", "mae_preset": "demo", "patch_size": [16, 16], "mask_ratio": 0.75, "dropout": 0.1}
+LAYER_DECAY = 0.75  # fine-tuning only: from random weights every layer has everything to learn
 OVERRIDES = {
     "pretrain": {"train_classes": [], "val_fold": None, "model": MODEL,  # every training clip, no labels
                  "trainer": {"max_epochs": 40, "batch_size": 64, "lr": 0.002, "scheduler": "one_cycle",
@@ -74,8 +75,10 @@ def main() -> None:
             pretrain.run(features, load_section("pretrain", pretrain.PretrainParams, params), fold / "pw",
                          fold / "pretrained", fold / "recon", fold / "pretrain_run.json")
             result = {}
-            for name, init in (("scratch", False), ("pretrained", True)):
-                p = load_section("train", train.TrainParams, params).model_copy(update={"init_from_pretrain": init})
+            for name, init, decay in (("scratch", False, 1.0), ("pretrained", True, LAYER_DECAY)):
+                p = load_section("train", train.TrainParams, params)
+                p = p.model_copy(update={"init_from_pretrain": init,
+                                         "trainer": p.trainer.model_copy(update={"layer_decay": decay})})
                 train.run(features, work / "ignored.csv", fold / "pretrained", p, fold / f"{name}_work",
                           fold / name, fold / f"{name}_curves.csv", fold / f"{name}_run.json")
                 out = {k: fold / f"{name}_{k}.csv" for k in ("predictions", "segments", "groups")}
@@ -87,7 +90,7 @@ def main() -> None:
             folds[speaker] = result
             print(speaker, json.dumps(result), flush=True)
     gain = float(np.mean([r["pretrained"] - r["scratch"] for r in folds.values()]))
-    result = {"folds": folds, "label_fraction": 0.1, "model": MODEL, "overrides": OVERRIDES,
+    result = {"folds": folds, "label_fraction": 0.1, "model": MODEL, "overrides": OVERRIDES, "layer_decay": LAYER_DECAY,
               "mean": {k: round(float(np.mean([r[k] for r in folds.values()])), 4) for k in ("scratch", "pretrained", "baseline")},
               "pretraining_gain": round(gain, 4), "seconds": round(time.perf_counter() - start, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,8 @@ def compare(experiments: list[str] | None, metrics: list[str], level: str, alpha
     runs = tracking.stage_runs("evaluate", list(names) if names else None)
     missing = sorted(set(names or []) - {r["dvc_experiment"] for r in runs})
     if missing:
-        raise ValueError(f"no finished evaluate run in MLflow for experiment(s) {missing}")
+        raise ValueError(f"no finished evaluate run in MLflow for experiment(s) {missing}; if the queue "
+                         f"failed them, `dvc queue status` and `dvc queue logs {missing[0]}` say why")
     names = names or {r["dvc_experiment"]: (r["dvc_experiment"], 0) for r in runs}
     if len({v for v, _ in names.values()}) < 2:
         raise ValueError(f"need at least 2 variants to compare, found {len(set(v for v, _ in names.values()))}")

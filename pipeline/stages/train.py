@@ -77,6 +77,9 @@ class TrainParams(Section):
             raise ValueError("folds: [] trains no fold; it needs final: refit")
         if self.label_smoothing and self.loss not in ("weighted_ce", "bce"):
             raise ValueError(f"label_smoothing works with loss weighted_ce or bce, not {self.loss}")
+        if self.trainer.layer_decay < 1 and self.model.arch != "mae":
+            raise ValueError(f"trainer.layer_decay < 1 decays over transformer blocks: it needs model.arch: mae, "
+                             f"not {self.model.arch}")
         return self
 
 

@@ -15,6 +15,7 @@ class TrainerParams(Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    layer_decay: float = Field(1.0, gt=0, le=1)  # < 1: layer-wise lr decay over transformer blocks
     scheduler: Literal["none", "cosine_restarts", "one_cycle", "plateau"] = "cosine_restarts"
     warmup_epochs: float = Field(1.0, ge=0)  # linear warmup (not with one_cycle, which has its own)
     restart_epochs: int = Field(10, ge=1)  # cosine_restarts: epochs of the first cycle

@@ -5,6 +5,7 @@ Each mode implements one ``model_step(batch) -> dict`` used by the train, val an
 from __future__ import annotations
 
 import math
+import re
 
 import lightning as L
 import torch
@@ -15,6 +16,31 @@ from pipeline.features import BandNorm
 from pipeline.training.augment import SpecAugment, add_noise_floor, axis_warp, mixup, random_eq, time_shift
 from pipeline.training.config import AugmentParams, SpecAugmentParams, TrainerParams
 from pipeline.training.losses import TripletLoss
+
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")  # encoder blocks; decoder_blocks never match
+_EMBEDDING = ("patch_embed", "cls_token", "pos_embed")
+
+
+def layer_decay_groups(module: nn.Module, lr: float, decay: float) -> list[dict]:
+    """AdamW parameter groups with layer-wise learning-rate decay (BEiT, MAE fine-tuning).
+
+    With encoder depth D, block i learns at lr * decay**(D - i), the patch and position
+    embeddings at lr * decay**(D + 1), everything else (head, final norm) at lr: a pretrained
+    encoder's lower layers, which hold the most general features, move least. Each group keeps
+    its ``lr_scale`` so warmup and schedulers scale it alike.
+    """
+    names = [name for name, _ in module.named_parameters()]
+    blocks = {int(m.group(1)) for name in names if (m := _BLOCK.search(name))}
+    if not blocks:
+        raise ValueError("layer_decay < 1 needs a network with transformer `blocks` (arch: mae)")
+    depth = max(blocks) + 1
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, param in module.named_parameters():
+        block = _BLOCK.search(name)
+        layer = int(block.group(1)) + 1 if block else 0 if any(e in name for e in _EMBEDDING) else depth + 1
+        groups.setdefault(decay ** (depth + 1 - layer), []).append(param)
+    return [{"params": params, "lr": lr * scale, "lr_scale": scale} for scale, params in sorted(groups.items())]
 
 
 class _Base(L.LightningModule):
@@ -68,10 +94,12 @@ class _Base(L.LightningModule):
         step = self.trainer.global_step
         if step < warmup_steps:
             for group in self.optimizers().param_groups:
-                group["lr"] = self.p.lr * (step + 1) / warmup_steps
+                group["lr"] = self.p.lr * group.get("lr_scale", 1.0) * (step + 1) / warmup_steps
 
     def configure_optimizers(self) -> dict:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.p.lr, weight_decay=self.p.weight_decay)
+        params = (layer_decay_groups(self, self.p.lr, self.p.layer_decay) if self.p.layer_decay < 1
+                  else self.parameters())
+        opt = torch.optim.AdamW(params, lr=self.p.lr, weight_decay=self.p.weight_decay)
         if self.p.scheduler == "none":
             return {"optimizer": opt}
         if self.p.scheduler == "cosine_restarts":
@@ -82,7 +110,8 @@ class _Base(L.LightningModule):
                                                                patience=max(1, self.p.patience // 2))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.p.monitor}}
         steps = int(self.trainer.estimated_stepping_batches)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.p.lr, total_steps=max(steps, 1))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                    total_steps=max(steps, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -241,8 +241,10 @@ def test_train_mlflow_run(stages: Paths) -> None:
     assert record["tracking_uri"] == stages.uri and record["stage"] == "train"
     run = client.get_run(record["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["trainer.lr"] == "0.001" and run.data.params["model.arch"] == "cnn"
-    assert run.data.params["specaugment.freq_mask_param"] == "8"  # nested sections flattened
+    written = yaml.safe_load(stages.params.read_text())["train"]  # the run records what it read
+    assert run.data.params["trainer.lr"] == str(written["trainer"]["lr"])
+    assert run.data.params["model.arch"] == written["model"]["arch"]
+    assert run.data.params["specaugment.freq_mask_param"] == str(written["specaugment"]["freq_mask_param"])
     assert run.data.tags[tracking.TAG_STAGE] == "train"
     assert "cv/val/loss_mean" in run.data.metrics
 

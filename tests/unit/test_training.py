@@ -22,7 +22,7 @@ from pipeline.training.config import TrainerParams
 from pipeline.training.data import EpochSampler, FeatureDataModule, FeatureDataset, LabelCoder, balanced_weights
 from pipeline.training.kfold import EpochHistory, fingerprint, fit_fold, prepare_workdir, read_history
 from pipeline.training.losses import LOSSES
-from pipeline.training.modules import ClassifierModule, MAEModule, TripletModule
+from pipeline.training.modules import ClassifierModule, MAEModule, TripletModule, layer_decay_groups
 from pipeline.models.networks import build_network, make_spec
 
 from tests.conftest import SYNTH_CLASSES as CLASSES
@@ -486,3 +486,41 @@ def test_16_mixed_on_cpu(features_dir: Path, index: pd.DataFrame, tmp_path: Path
     # Lightning 2.x has no fp16 autocast on CPU and substitutes bf16-mixed (with a warning).
     assert module.trainer.precision in ("16-mixed", "bf16-mixed")
     assert math.isfinite(result["score"])
+
+
+# --- layer-wise learning-rate decay (MAE fine-tuning) ------------------------------------------
+
+def test_layer_decay_groups_scale_blocks_by_depth() -> None:
+    network = build_network(make_spec(tiny_model("mae"), N_MELS, FRAMES, "classifier", 1))
+    depth = len(network.backbone.blocks)
+    groups = layer_decay_groups(network, 1e-3, 0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for name, param in network.named_parameters():
+        if name.startswith("head"):
+            expected = 1.0
+        elif ".blocks." in f".{name}" and "decoder" not in name:
+            expected = 0.5 ** (depth - int(name.split("blocks.")[1].split(".")[0]))
+        elif any(e in name for e in ("patch_embed", "cls_token", "pos_embed")) and "decoder" not in name:
+            expected = 0.5 ** (depth + 1)
+        else:
+            expected = 1.0
+        assert scale_of[id(param)] == pytest.approx(expected), name
+    assert sum(len(g["params"]) for g in groups) == len(list(network.parameters()))
+    assert all(g["lr"] == pytest.approx(1e-3 * g["lr_scale"]) for g in groups)
+    with pytest.raises(ValueError, match="transformer"):
+        layer_decay_groups(build_network(make_spec(tiny_model("cnn"), N_MELS, FRAMES, "classifier", 1)), 1e-3, 0.5)
+
+
+def test_layer_decay_in_training_keeps_the_ratios(features_dir: Path, index: pd.DataFrame) -> None:
+    tp = TrainerParams(scheduler="one_cycle", lr=BASE_LR, layer_decay=0.5, batch_size=8, progress_bar=False)
+    p = TrainParams(model=tiny_model("mae"), specaugment=None, trainer=tp)
+    train, val = fold_rows(index, set(), 0, p)
+    module = stage_module(p, train)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule(features_dir, train, val, tp))
+    groups = trainer.optimizers[0].param_groups
+    head = next(g for g in groups if g["lr_scale"] == 1.0)
+    for g in groups:  # the one-cycle schedule moved every group, keeping each one's scale
+        assert g["lr"] == pytest.approx(head["lr"] * g["lr_scale"])
+    with pytest.raises(ValueError, match="layer_decay"):
+        TrainParams(model=tiny_model("cnn"), trainer=tp)
