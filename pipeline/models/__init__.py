@@ -2,6 +2,7 @@
 from .cnn import AudioCNN
 from .heads import EmbeddingClassifier
 from .resnet import SpecResNet
+from .unet import MaskUNet
 from .mae import (
     MAE_PRESETS,
     AudioMAEViT,
@@ -19,6 +20,7 @@ __all__ = [
     "AudioCNN",
     "AudioMAEViT",
     "EmbeddingClassifier",
+    "MaskUNet",
     "SpecResNet",
     "MAE_PRESETS",
     "build_mae",

@@ -1,0 +1,128 @@
+"""Speech-enhancement scores of one utterance, and the classical enhancer to compare against.
+
+A speech-enhancement model maps a noisy recording to an estimate of its clean source; it is
+judged on (clean, noisy, enhanced) triples of the same length at the same rate:
+
+- SI-SNR (dB): energy of the estimate's projection on the clean reference over the energy of the
+  rest, both zero-mean, so a gain or a DC offset on the estimate costs nothing;
+- PESQ (ITU-T P.862.2 wide band at 16 kHz, P.862 narrow band at 8 kHz): predicted listening
+  quality, MOS-LQO in about [1.0, 4.64];
+- STOI (pystoi): short-time objective intelligibility, in about [0, 1].
+
+``spectral_gating`` (noisereduce) is the classical baseline a learned enhancer has to beat.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import noisereduce
+import numpy as np
+import torch
+from pesq import pesq
+from pystoi import stoi
+
+# Guards the logarithm and the divisions against all-zero signals (digital silence in or out).
+EPS = 1e-8
+# P.862 is defined at these two rates only; anything else must be resampled by the caller.
+PESQ_MODES = {16000: "wb", 8000: "nb"}
+
+
+def _wave(x: Any, name: str) -> np.ndarray:
+    """A 1-D numpy or torch signal as a float64 numpy array (float64: the sums run over 1e5 samples)."""
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D signal, got shape {arr.shape}")
+    return arr.astype(np.float64)
+
+
+def _same_length(**waves: np.ndarray) -> None:
+    lengths = {name: len(w) for name, w in waves.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"signals differ in length (samples): {lengths}")
+
+
+def si_snr(estimate: Any, reference: Any) -> float:
+    """Scale-invariant SNR (dB) of ``estimate`` against ``reference``, both (T,) numpy or torch.
+
+    ``10 log10(|s|^2 / |e|^2)`` with ``s`` the projection of the zero-mean estimate on the
+    zero-mean reference and ``e = estimate - s``. A silent estimate or reference scores the floor,
+    ``10 log10(EPS)`` = -80 dB, instead of NaN.
+    """
+    est, ref = _wave(estimate, "estimate"), _wave(reference, "reference")
+    _same_length(estimate=est, reference=ref)
+    est, ref = est - est.mean(), ref - ref.mean()
+    target = (est @ ref) / (ref @ ref + EPS) * ref
+    residual = est - target
+    return float(10 * np.log10((target @ target) / (residual @ residual + EPS) + EPS))
+
+
+def si_snr_torch(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Batched, differentiable :func:`si_snr`: (B, T) and (B, T) give (B,) dB.
+
+    Its negative mean is the usual training loss of a waveform or mask enhancer.
+    """
+    if estimate.shape != reference.shape or estimate.dim() != 2:
+        raise ValueError(f"estimate and reference must both be (B, T), got {tuple(estimate.shape)} "
+                         f"and {tuple(reference.shape)}")
+    est = estimate - estimate.mean(dim=1, keepdim=True)
+    ref = reference - reference.mean(dim=1, keepdim=True)
+    scale = (est * ref).sum(dim=1, keepdim=True) / (ref.pow(2).sum(dim=1, keepdim=True) + EPS)
+    target = scale * ref
+    residual = est - target
+    return 10 * torch.log10(target.pow(2).sum(dim=1) / (residual.pow(2).sum(dim=1) + EPS) + EPS)
+
+
+def si_snr_improvement(enhanced: Any, noisy: Any, clean: Any) -> float:
+    """SI-SNRi (dB): what enhancement added, ``si_snr(enhanced, clean) - si_snr(noisy, clean)``."""
+    return si_snr(enhanced, clean) - si_snr(noisy, clean)
+
+
+def pesq_score(reference: Any, degraded: Any, rate: int) -> float:
+    """PESQ MOS-LQO of ``degraded`` against ``reference`` (both (T,)): wide band at 16 kHz,
+    narrow band at 8 kHz.
+
+    Raises:
+        ValueError: any other rate (named in the message), or signals of different lengths.
+        pesq.NoUtterancesError: the reference holds no speech PESQ can find.
+    """
+    if rate not in PESQ_MODES:
+        raise ValueError(f"PESQ is defined at 16000 Hz (wide band) or 8000 Hz (narrow band), "
+                         f"got {rate} Hz: resample first")
+    ref, deg = _wave(reference, "reference"), _wave(degraded, "degraded")
+    _same_length(reference=ref, degraded=deg)
+    return float(pesq(rate, ref, deg, PESQ_MODES[rate]))
+
+
+def stoi_score(reference: Any, degraded: Any, rate: int) -> float:
+    """STOI of ``degraded`` against ``reference`` (both (T,) at ``rate`` Hz; pystoi resamples to 10 kHz)."""
+    ref, deg = _wave(reference, "reference"), _wave(degraded, "degraded")
+    _same_length(reference=ref, degraded=deg)
+    return float(stoi(ref, deg, rate, extended=False))
+
+
+def utterance_metrics(clean: Any, noisy: Any, enhanced: Any, rate: int) -> dict[str, float]:
+    """Every score of one (clean, noisy, enhanced) triple, each (T,) at ``rate`` Hz.
+
+    Returns:
+        si_snr, si_snr_i (dB); pesq, pesq_noisy; stoi, stoi_noisy: the enhanced and the noisy
+        input each scored against ``clean``, so a report can show what enhancement changed.
+    """
+    return {"si_snr": si_snr(enhanced, clean), "si_snr_i": si_snr_improvement(enhanced, noisy, clean),
+            "pesq": pesq_score(clean, enhanced, rate), "pesq_noisy": pesq_score(clean, noisy, rate),
+            "stoi": stoi_score(clean, enhanced, rate), "stoi_noisy": stoi_score(clean, noisy, rate)}
+
+
+def spectral_gating(noisy: Any, rate: int) -> np.ndarray:
+    """The classical reference enhancer: noisereduce's non-stationary spectral gating.
+
+    Args:
+        noisy: (T,) numpy or torch signal at ``rate`` Hz.
+    Returns:
+        (T,) float32: the same length as the input, so it scores against the same reference.
+    """
+    wave = _wave(noisy, "noisy")
+    # n_jobs=1: the library's default, stated because the stages share few cores; no torch
+    # backend, so the result does not depend on the device.
+    out = noisereduce.reduce_noise(y=wave, sr=rate, stationary=False, n_jobs=1, use_torch=False)
+    out = np.asarray(out, dtype=np.float32)
+    return out[:len(wave)] if len(out) >= len(wave) else np.pad(out, (0, len(wave) - len(out)))
