@@ -20,8 +20,7 @@
 FROM debian:bookworm-slim AS python
 ENV DEBIAN_FRONTEND=noninteractive
 # Debian's own python3 (3.11, what pyproject.toml requires) keeps the build reproducible from
-# the Debian archive alone; python3-venv for `python3 -m venv`; binutils for `strip`. No
-# compiler: every pinned package ships a manylinux wheel (the pure-Python sdists need none).
+# the Debian archive alone; python3-venv for `python3 -m venv`; binutils for `strip`.
 RUN apt-get update -qq \
     && apt-get install -y -qq --no-install-recommends python3 python3-venv binutils ca-certificates >/dev/null \
     && rm -rf /var/lib/apt/lists/*
@@ -41,6 +40,11 @@ RUN python3 -c "import tomllib; print(*tomllib.load(open('/tmp/pyproject.toml', 
 
 # ---- build: the venv with every pinned dependency, trimmed ------------------------------------
 FROM python AS build
+# `pesq` ships only an sdist: its C extension is compiled here. The runtime stage copies the
+# venv alone, so it gets no compiler.
+RUN apt-get update -qq \
+    && apt-get install -y -qq --no-install-recommends gcc libc6-dev python3-dev >/dev/null \
+    && rm -rf /var/lib/apt/lists/*
 ARG PIP_FIND_LINKS=""
 ARG PIP_INDEX_URL=""
 ARG PIP_EXTRA_INDEX_URL=""
@@ -64,7 +68,7 @@ RUN cd /opt/venv/lib/python3.11/site-packages \
     && find torch/bin -maxdepth 1 -type f ! -name torch_shm_manager -delete \
     && find . -type d -name tests ! -path './mlflow/*' -prune -exec rm -rf {} + \
     && /opt/venv/bin/python /tmp/strip_libs.py /opt/venv \
-    && /opt/venv/bin/python -c "import torch, lightning, torchmetrics, librosa, numba, soundfile, soxr, sklearn, scipy.stats, pandas, pyarrow.parquet, matplotlib.pyplot, mlflow, mlflow.server, bentoml, dvc.repo, great_expectations"
+    && /opt/venv/bin/python -c "import torch, lightning, torchmetrics, librosa, numba, soundfile, soxr, sklearn, scipy.stats, pandas, pyarrow.parquet, matplotlib.pyplot, mlflow, mlflow.server, bentoml, dvc.repo, great_expectations, pesq, pystoi, noisereduce"
 
 # ---- wheel: the project itself, as a wheel (pipeline/ and serving/) ------------------------------
 FROM python AS wheel
@@ -101,7 +105,7 @@ COPY --from=build /opt/venv /opt/venv
 # `python -m pipeline.data.corpus` and friends without one.
 COPY --from=wheel /wheels/ /tmp/wheels/
 RUN /opt/venv/bin/pip install -q --no-cache-dir --no-deps --no-index /tmp/wheels/*.whl && rm -rf /tmp/wheels \
-    && /opt/venv/bin/python -c "import pipeline.tracking, pipeline.stages.train, pipeline.stages.evaluate, pipeline.stages.package, serving.service"
+    && /opt/venv/bin/python -c "import pipeline.tracking, pipeline.stages.train, pipeline.stages.evaluate, pipeline.stages.package, serving.service, pipeline.enhancement, pipeline.models.unet"
 COPY container/soundline-repro /usr/local/bin/soundline-repro
 # HOME is world-writable (mode 1777) and every cache lives under /tmp, so the image also runs
 # as any uid (`docker run --user $(id -u):$(id -g)`), not only as soundline (1000).

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                          **{f"{name}_pairs": len(rows) for name, rows in splits.items()}},
               "fit": fit, "score_seconds": round(time.perf_counter() - start, 1),
               "goals": goals(scores), "wilcoxon_model_vs_gating": wilcoxon(scores),
-              "by_snr": summarise(scores, args.bootstrap), "per_utterance_csv": str(args.csv)}
+              "by_snr": summarise(scores, args.bootstrap), "per_utterance_csv": args.csv.name}
     write_json(args.out, result)
     for name, goal in result["goals"].items():
         print(f"{name}: {goal['value']} (goal {goal['goal']}: {'met' if goal['met'] else 'NOT met'})")
