@@ -104,8 +104,12 @@ COPY --from=build /opt/venv /opt/venv
 # first on sys.path), so `dvc repro` always runs the checkout's code; the installed copy serves
 # `python -m pipeline.data.corpus` and friends without one.
 COPY --from=wheel /wheels/ /tmp/wheels/
+# The service reads params.yaml's serve section at import (a Bento carries its own); the check
+# gives it an empty one.
 RUN /opt/venv/bin/pip install -q --no-cache-dir --no-deps --no-index /tmp/wheels/*.whl && rm -rf /tmp/wheels \
-    && /opt/venv/bin/python -c "import pipeline.tracking, pipeline.stages.train, pipeline.stages.evaluate, pipeline.stages.package, serving.service, pipeline.enhancement, pipeline.models.unet"
+    && echo 'serve: {}' > /tmp/params.yaml \
+    && SOUNDLINE_PARAMS=/tmp/params.yaml /opt/venv/bin/python -c "import pipeline.tracking, pipeline.stages.train, pipeline.stages.evaluate, pipeline.stages.package, serving.service, pipeline.enhancement, pipeline.models.unet" \
+    && rm /tmp/params.yaml
 COPY container/soundline-repro /usr/local/bin/soundline-repro
 # HOME is world-writable (mode 1777) and every cache lives under /tmp, so the image also runs
 # as any uid (`docker run --user $(id -u):$(id -g)`), not only as soundline (1000).

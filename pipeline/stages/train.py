@@ -9,6 +9,7 @@ the reported cross-validation metrics.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -128,7 +129,8 @@ def pretrained_weights(pretrained_dir: Path, spec: dict) -> Path:
     pre = folder.info().spec["kwargs"]
 
     def shape(kwargs: dict) -> dict:  # mask_ratio may differ: it does not change the weights
-        return {k: v for k, v in kwargs.items() if k != "mask_ratio"}
+        # through JSON, as the pretrain stage stored it: a (16, 16) patch equals its [16, 16]
+        return json.loads(json.dumps({k: v for k, v in kwargs.items() if k != "mask_ratio"}))
 
     if shape(pre) != shape(spec["kwargs"]):
         raise ValueError(f"train.model {shape(spec['kwargs'])} does not match the pretrained MAE "
