@@ -143,11 +143,3 @@ class EnhanceModule(_Base):
         if self.spectral_weight:
             loss = loss + self.spectral_weight * self.spectral_l1(enhanced, clean)
         return {"loss": loss, "si_snr": scores.detach().mean()}
-
-    def _step(self, batch: Batch, stage: str) -> Tensor:
-        out = self.model_step(batch, stage)
-        for name in ("loss", "si_snr"):
-            # sync_dist: the mean over every process of a multi-process run (a no-op in one process)
-            self.log(f"{stage}/{name}", out[name], prog_bar=True, on_step=False, on_epoch=True,
-                     batch_size=len(batch[0]), sync_dist=True)
-        return out["loss"]

@@ -67,9 +67,11 @@ class _Base(L.LightningModule):
 
     def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> Tensor:
         out = self.model_step(batch, stage)
-        # sync_dist: the mean over every process of a multi-process run (a no-op in one process)
-        self.log(f"{stage}/loss", out["loss"], prog_bar=True, on_step=False, on_epoch=True,
-                 batch_size=len(batch[0]), sync_dist=True)
+        for name, value in out.items():  # the loss and any other scalar a mode reports
+            if name not in ("probs", "targets"):
+                # sync_dist: the mean over every process of a multi-process run (a no-op in one process)
+                self.log(f"{stage}/{name}", value, prog_bar=True, on_step=False, on_epoch=True,
+                         batch_size=len(batch[0]), sync_dist=True)
         if self.metrics is not None:
             metrics = self.metrics[f"{stage}_metrics"]
             metrics.update(out["probs"], out["targets"])
