@@ -11,12 +11,14 @@ declares and leaves unset, so one number feeds every stage's randomness; a secti
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 DEFAULT_PARAMS = Path("params.yaml")
+TASKS = ("classify", "enhance")
+Task = Literal["classify", "enhance"]
 
 
 class Section(BaseModel):
@@ -75,3 +77,17 @@ def load_section(name: str, model: type[S], path: Path | str = DEFAULT_PARAMS) -
             for e in err.errors()
         )
         raise ParamsError(f"{path}: {problems}") from err
+
+
+def load_task(path: Path | str = DEFAULT_PARAMS) -> Task:
+    """The top-level ``task`` of the params file: ``classify`` (labelled clips) or ``enhance``
+    (paired noisy/clean recordings); ``classify`` when the key is absent."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as err:
+        raise ParamsError(f"{path}: params file not found") from err
+    task = document.get("task", "classify")
+    if task not in TASKS:
+        raise ParamsError(f"{path}: task: must be one of {list(TASKS)}, got {task!r}")
+    return task

@@ -9,6 +9,11 @@ layout of ``meta.json`` / ``model.json`` is spelled here and nowhere else:
   model folder (train)          model.json ModelInfo, model.safetensors, centroids.safetensors
   pretrained folder (pretrain)  mae.json PretrainInfo, mae.safetensors
 
+Task ``enhance`` (params.yaml ``task``) keeps the folders and changes what they hold: the
+features folder has no array, its index names each noisy file's clean ``pair`` (the enhancer
+reads waves) and ``meta.json`` is an EnhanceMeta; the model folder's ``model.json`` is an
+EnhancerInfo. Both documents say ``task: enhance``; a document without ``task`` is classify.
+
 Weights are safetensors, never pickles.
 """
 from __future__ import annotations
@@ -17,7 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -30,6 +35,7 @@ from pipeline.profile import Profile
 # path: the row's key (the file, or "<file>#<segment>" with featurize.segment); file: the recording
 INDEX_COLUMNS = ("row", "path", "file", "segment", "start_s", "label", "group", "split", "fold", "energy",
                  "duration_s")
+ENHANCE_INDEX_COLUMNS = ("row", "path", "pair", "group", "snr_db", "noise", "split", "fold", "duration_s")
 MODEL_ARTIFACT = "soundline_model"  # the model folder as an MLflow run artifact (register logs it)
 
 
@@ -37,6 +43,13 @@ class Contract(BaseModel):
     """A JSON document of a folder: unknown keys are kept (older or newer writers), values frozen."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
+
+
+def _task(path: Path) -> str:
+    """The ``task`` a folder's JSON document states (``classify`` when it states none)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; run the stage that writes it")
+    return json.loads(path.read_text()).get("task", "classify")
 
 
 def _read(model: type[Contract], path: Path) -> Any:
@@ -93,6 +106,22 @@ def task_signature(classes: list[str], features: FeatureParams, label_column: st
     return signature if segment is None else {**signature, "segment": segment.model_dump(mode="json")}
 
 
+def enhance_signature(sample_rate: int) -> dict:
+    """The :func:`task_signature` of task enhance: enhancers at one rate answer the same question."""
+    return {"task": "enhance", "sample_rate": sample_rate}
+
+
+class EnhanceMeta(Contract):
+    """``meta.json`` of task enhance: the rate every wave is read at, and the pair count."""
+
+    task: Literal["enhance"] = "enhance"
+    sample_rate: int
+    pairs: int
+
+    def signature(self) -> dict:
+        return enhance_signature(self.sample_rate)
+
+
 def signature_id(signature: dict) -> str:
     """A short stable hash of a :func:`task_signature`."""
     return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:8]
@@ -126,7 +155,26 @@ class FeaturesFolder:
         return index
 
     def meta(self) -> FeatureMeta:
+        if self.task() != "classify":
+            raise ValueError(f"{self.meta_path}: features of task {self.task()}, not classify; "
+                             "set params.yaml task: accordingly and rerun")
         return _read(FeatureMeta, self.meta_path)
+
+    def task(self) -> str:
+        return _task(self.meta_path)
+
+    def enhance_meta(self) -> EnhanceMeta:
+        return _read(EnhanceMeta, self.meta_path)
+
+    def enhance_index(self) -> pd.DataFrame:
+        """Task enhance: one row per noisy file (ENHANCE_INDEX_COLUMNS)."""
+        if not self.index_path.exists():
+            raise FileNotFoundError(f"{self.index_path}: not found; run the featurize stage")
+        index = pd.read_parquet(self.index_path)
+        missing = [c for c in ENHANCE_INDEX_COLUMNS if c not in index.columns]
+        if missing:
+            raise ValueError(f"{self.index_path}: missing column(s) {missing}; was it written for task enhance?")
+        return index
 
     def array(self) -> np.ndarray:
         """The (rows, n_mels, frames) array, memory-mapped read-only."""
@@ -145,7 +193,8 @@ class FeaturesFolder:
 
     def content_id(self) -> str:
         """A digest of the folder's content (index, array, meta), not of where or when it was written."""
-        return file_digest(self.index_path, self.meta_path, self.array_path)
+        paths = (self.index_path, self.meta_path) + ((self.array_path,) if self.task() == "classify" else ())
+        return file_digest(*paths)
 
 
 class ModelInfo(Contract):
@@ -166,6 +215,20 @@ class ModelInfo(Contract):
 
     def signature(self) -> dict:
         return task_signature(self.classes, self.features, self.label_column, self.segment)
+
+
+class EnhancerInfo(Contract):
+    """``model.json`` of task enhance: everything needed to rebuild and use an exported enhancer."""
+
+    task: Literal["enhance"] = "enhance"
+    spec: dict  # {"arch": "unet", "task": "enhance", "kwargs": MaskUNet's arguments}
+    sample_rate: int  # the network's rate: other inputs are resampled to it and back
+    seed: int | None = None
+    fold: str | None = None
+    selection: str | None = None
+
+    def signature(self) -> dict:
+        return enhance_signature(self.sample_rate)
 
 
 @dataclass(frozen=True)
@@ -196,8 +259,18 @@ class ModelFolder:
 
     files = ("model.json", "model.safetensors", "centroids.safetensors", "profile.json")  # what the service needs
 
+    def task(self) -> str:
+        return _task(self.info_path)
+
     def info(self) -> ModelInfo:
+        if self.task() != "classify":
+            raise ValueError(f"{self.info_path}: a model of task {self.task()}, not a classifier")
         return _read(ModelInfo, self.info_path)
+
+    def enhancer_info(self) -> EnhancerInfo:
+        if self.task() != "enhance":
+            raise ValueError(f"{self.info_path}: a model of task {self.task()}, not an enhancer")
+        return _read(EnhancerInfo, self.info_path)
 
     def profile(self) -> Profile | None:
         """The training data's profile (the drift guard), None for a model exported without one."""
@@ -209,7 +282,7 @@ class ModelFolder:
             raise FileNotFoundError(f"{self.training_files_path}: not found; rerun the train stage")
         return pd.read_csv(self.training_files_path, dtype=str, keep_default_na=False)
 
-    def write_info(self, info: ModelInfo) -> None:
+    def write_info(self, info: ModelInfo | EnhancerInfo) -> None:
         write_json(self.info_path, info.model_dump(mode="json"))
 
 

@@ -1,7 +1,8 @@
 """Build networks from a JSON-able spec, so an exported model can be rebuilt without its code path.
 
-A spec is ``{"arch": "cnn"|"mae", "task": "classifier"|"embedder"|"mae", "kwargs": {...},
-"num_outputs": int, "dropout": float}``; it is saved next to the exported weights.
+A spec is ``{"arch": "cnn"|"resnet"|"mae", "task": "classifier"|"embedder"|"mae", "kwargs": {...},
+"num_outputs": int, "dropout": float}``, or ``{"arch": "unet", "task": "enhance", "kwargs": {...}}``
+for an enhancer; it is saved next to the exported weights.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pipeline.models.cnn import AudioCNN
 from pipeline.models.heads import EmbeddingClassifier
 from pipeline.models.mae import AudioMAEViT, build_mae
 from pipeline.models.resnet import SpecResNet
+from pipeline.models.unet import MaskUNet
 
 
 class ModelParams(Section):
@@ -27,6 +29,20 @@ class ModelParams(Section):
     norm_pix_loss: bool = False
     dropout: float = Field(0.3, ge=0, lt=1)
     overrides: dict[str, Any] = {}  # any other constructor argument of the chosen model
+
+
+class UNetParams(Section):
+    """The enhancer's MaskUNet (``params.yaml``: ``train.enhance.model``)."""
+
+    n_fft: int = Field(512, gt=0)
+    hop: int = Field(128, gt=0)
+    depth: int = Field(3, ge=1)
+    channels: int = Field(8, ge=1)
+    mask: Literal["sigmoid", "bounded_relu"] = "sigmoid"
+
+
+def make_unet_spec(p: UNetParams) -> dict[str, Any]:
+    return {"arch": "unet", "task": "enhance", "kwargs": p.model_dump()}
 
 
 def make_spec(p: ModelParams, n_mels: int, frames: int, task: str, num_outputs: int = 0) -> dict[str, Any]:
@@ -49,7 +65,10 @@ def build_mae_from(kwargs: dict[str, Any]) -> AudioMAEViT:
 
 
 def build_network(spec: dict[str, Any]) -> nn.Module:
-    """The network a spec describes: an AudioCNN, an AudioMAEViT, or an MAE with a head."""
+    """The network a spec describes: an AudioCNN, a SpecResNet, an AudioMAEViT, an MAE with a
+    head, or a MaskUNet."""
+    if spec["arch"] == "unet":
+        return MaskUNet(**spec["kwargs"])
     if spec["arch"] == "cnn":
         return AudioCNN(**spec["kwargs"])
     if spec["arch"] == "resnet":
