@@ -23,6 +23,7 @@ TOLERANCE = 1e-9  # 1.0 - 0.9 is 0.0999…: a difference of exactly the bound mu
 
 class GateParams(Section):
     metric: Literal["accuracy", "balanced_accuracy", "f1_macro"] = "balanced_accuracy"
+    enhance_metric: Literal["si_snr", "pesq", "stoi"] = "si_snr"  # task enhance: per utterance, Wilcoxon
     test: Literal["mcnemar", "bootstrap"] = "mcnemar"
     alpha: float = Field(0.05, gt=0, lt=1)
     min_improvement: float = 0.0

@@ -13,8 +13,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from pydantic import Field, model_validator
 
 from pipeline import audio
+from pipeline.config import Section
+
+
+class PairParams(Section):
+    """``validate_raw.pairs`` (task enhance)."""
+
+    length_tolerance_s: float = Field(0.01, ge=0)  # largest accepted duration difference of a pair
+    snr_db: tuple[float, float] = (-10.0, 30.0)  # bounds of a stated snr_db
+
+    @model_validator(mode="after")
+    def _order(self) -> PairParams:
+        if self.snr_db[0] > self.snr_db[1]:
+            raise ValueError(f"snr_db bounds must be [low, high], got {list(self.snr_db)}")
+        return self
 
 
 def _present(value: object) -> bool:

@@ -40,6 +40,7 @@ class EvaluateParams(Section):
     all_filtered_class: str | None = None  # None: the model's positive class (binary) / first class
     bootstrap_resamples: int = Field(1000, ge=100)
     mc_dropout_passes: int = Field(0, ge=0)  # > 1: Monte-Carlo dropout intervals per file
+    enhance_samples: int = Field(4, ge=0)  # task enhance: clean/noisy/enhanced triplets kept
     seed: int = 0
 
 

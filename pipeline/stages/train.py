@@ -30,7 +30,7 @@ from pipeline.features import BandNorm
 from pipeline.io import atomic_dir, file_digest, write_csv, write_json
 from pipeline.models.inference import embeddings, load_weights
 from pipeline.models.networks import ModelParams, backbone_of, build_network, make_spec
-from pipeline.training.config import AugmentParams, SpecAugmentParams, TrainerParams
+from pipeline.training.config import AugmentParams, EnhanceParams, SpecAugmentParams, TrainerParams
 from pipeline.training.data import FeatureDataModule, LabelCoder
 from pipeline.training.kfold import fingerprint, fit_fold, is_main_process, prepare_workdir, read_history, seed_all
 from pipeline.training.losses import LOSS_ALIASES, TripletLoss, build_loss
@@ -63,6 +63,7 @@ class TrainParams(Section):
     # every training row for max_epochs (no validation, no early stopping) and export that
     final: Literal["best_fold", "refit"] = "best_fold"
     trainer: TrainerParams = TrainerParams()
+    enhance: EnhanceParams = EnhanceParams()  # task enhance: the enhancer's recipe (the rest is classify's)
     seed: int = 0  # params.yaml's top-level seed unless set here
 
     @field_validator("loss")

@@ -21,6 +21,7 @@ from pipeline import audio
 from pipeline.config import Section, load_section
 from pipeline.expectations import SuiteReport, Table, validate
 from pipeline.io import read_metadata, write_json, write_parquet
+from pipeline.pairs import PairParams
 from pipeline.parallel import pmap
 
 
@@ -34,6 +35,7 @@ class RawParams(Section):
     max_class_ratio: float = Field(10.0, ge=1)
     stereo: Literal["downmix", "reject"] = "downmix"
     workers: int = 0  # 0: all cores
+    pairs: PairParams = PairParams()  # task enhance: the noisy/clean pair checks
 
 
 def describe(path: Path, rel: str) -> dict:

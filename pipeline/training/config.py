@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.config import Section
+from pipeline.models.networks import UNetParams
 
 
 class TrainerParams(Section):
@@ -66,3 +67,14 @@ class SpecAugmentParams(Section):
     time_mask_param: int = Field(16, ge=0)
     num_freq_masks: int = Field(2, ge=0)
     num_time_masks: int = Field(2, ge=0)
+
+
+class EnhanceParams(Section):
+    """Task enhance: the MaskUNet recipe (``params.yaml``: ``train.enhance``)."""
+
+    model: UNetParams = UNetParams()
+    crop_s: float = Field(1.0, gt=0)  # training crops; validation and test utterances are whole
+    spectral_weight: float = Field(0.0, ge=0)  # loss = -SI-SNR + weight x log-magnitude L1
+    val_fold: int = Field(0, ge=0)  # early stopping on this fold's speakers
+    trainer: TrainerParams = TrainerParams(max_epochs=24, batch_size=8, lr=3e-3, scheduler="one_cycle",
+                                           monitor="val/si_snr", monitor_mode="max", patience=6, save_top_k=1)
