@@ -1,8 +1,11 @@
 """The champion gate: does a challenger beat the champion, and the reference baseline, for real?
 
-Pure functions of prediction tables (``path``, ``label``, ``predicted``, ``correct``, ``kept``,
-and the evaluate stage's ``baseline_predicted`` / ``baseline_correct``), so the register stage
-decides and the tests check the decision without a registry.
+Pure functions of prediction tables, so the register stage decides and the tests check the
+decision without a registry. Task classify: one row per file (``path``, ``label``, ``predicted``,
+``correct``, ``kept``, and the evaluate stage's ``baseline_predicted`` / ``baseline_correct``),
+McNemar or a paired bootstrap. Task enhance: one row per test utterance (``path``, the metric
+``register.enhance_metric`` and the spectral-gating reference's ``ref_<metric>``), a paired
+Wilcoxon signed-rank test on the per-utterance scores.
 """
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
+from scipy.stats import rankdata
 from sklearn import metrics as skm
 
 from pipeline.config import Section
-from pipeline.stats import mcnemar_exact, paired_bootstrap, small_sample_warnings_ignored
+from pipeline.stats import mcnemar_exact, paired_bootstrap, small_sample_warnings_ignored, wilcoxon_pairs
 
 METRICS = {"accuracy": skm.accuracy_score, "balanced_accuracy": skm.balanced_accuracy_score,
            "f1_macro": lambda y, p: skm.f1_score(y, p, average="macro")}
@@ -103,3 +107,71 @@ def baseline_gate(challenger: pd.DataFrame, p: GateParams) -> dict:
                f"not significantly better than the baseline: {p.metric} {model:.4f} vs {base:.4f}, "
                f"p={test['p_value']:.4g} (alpha {p.alpha})")
     return {"gate": p.baseline_gate, "model": model, "baseline": base, **test, "passed": bool(passed), "why": why}
+
+
+# --- task enhance: per-utterance scores, paired Wilcoxon --------------------------------------------
+
+def paired_wilcoxon(table: pd.DataFrame, a: str, b: str, p: GateParams) -> dict:
+    """Column ``b`` against column ``a`` (per-utterance scores of one metric) on the same rows: the
+    mean of each, the two-sided Wilcoxon p-value, and whether b is significantly worse (p below
+    alpha and the signed ranks lean to a). Rows where either score is missing are left out."""
+    for column in (a, b):
+        if column not in table:
+            raise ValueError(f"the predictions have no {column!r} column; rerun the evaluate stage")
+    scores = table[[a, b]].astype(float)
+    usable = scores.notna().all(axis=1)
+    old, new = scores.loc[usable, a].to_numpy(), scores.loc[usable, b].to_numpy()
+    if len(old) == 0:
+        raise ValueError(f"no utterance has both {a!r} and {b!r} scores; rerun the evaluate stage")
+    test = wilcoxon_pairs({"a": old, "b": new}, alpha=p.alpha).iloc[0]
+    diff = (new - old)[new != old]
+    signed_ranks = float((np.sign(diff) * rankdata(np.abs(diff))).sum()) if len(diff) else 0.0
+    out = {"metric": p.enhance_metric, "test": "wilcoxon", "n_files": len(old),
+           "improvement": float(new.mean() - old.mean()), "statistic": float(test["statistic"]),
+           "p_value": float(test["p_value"]), "worse": bool(test["p_value"] < p.alpha and signed_ranks < 0)}
+    if missing := int((~usable).sum()):
+        out["n_missing"] = missing  # utterances without a score (recorded, not silently dropped)
+    return {**out, "a": float(old.mean()), "b": float(new.mean())}
+
+
+def enhance_baseline_gate(challenger: pd.DataFrame, p: GateParams) -> dict:
+    """Whether the enhancer clears the spectral-gating reference (``ref_<metric>``) on the test
+    utterances (``passed``): as ``baseline_gate``, with a paired Wilcoxon test."""
+    if p.baseline_gate == "off":
+        return {"gate": "off", "passed": True}
+    metric = p.enhance_metric
+    test = paired_wilcoxon(challenger, f"ref_{metric}", metric, p)
+    base, model = test.pop("a"), test.pop("b")
+    if p.baseline_gate == "at_least":
+        passed = model >= base - TOLERANCE and not test["worse"]
+        why = ("at least as good as the reference (spectral gating)" if passed else
+               f"below the reference (spectral gating): {metric} {model:.4f} vs {base:.4f}, "
+               f"p={test['p_value']:.4g}")
+    else:
+        passed = model > base and test["p_value"] < p.alpha and not test["worse"]
+        why = ("significantly better than the reference (spectral gating)" if passed else
+               f"not significantly better than the reference (spectral gating): {metric} {model:.4f} "
+               f"vs {base:.4f}, p={test['p_value']:.4g} (alpha {p.alpha})")
+    return {"gate": p.baseline_gate, "model": model, "baseline": base, **test, "passed": bool(passed), "why": why}
+
+
+def enhance_champion_gate(challenger: pd.DataFrame, champion: pd.DataFrame | None, p: GateParams) -> dict:
+    """Whether the enhancer takes the alias from the champion (the champion's table: path and
+    ``p.enhance_metric``), compared on every test utterance of the challenger."""
+    if champion is None:
+        return {"move": True, "why": "no champion yet"}
+    metric = p.enhance_metric
+    shared = (challenger[["path", metric]].merge(champion[["path", metric]], on="path", suffixes=("", "_champion"))
+              if metric in champion else challenger.iloc[:0])
+    if len(shared) < len(challenger) or len(shared) == 0:
+        return {"move": p.when_incomparable == "promote",
+                "why": f"champion was evaluated on other test utterances or without {metric} ({len(shared)} of "
+                       f"{len(challenger)} shared): not comparable; register.when_incomparable={p.when_incomparable}"}
+    test = paired_wilcoxon(shared, f"{metric}_champion", metric, p)
+    old, new = test.pop("a"), test.pop("b")
+    test.pop("worse")
+    wins = new - old >= p.min_improvement - TOLERANCE and new > old and test["p_value"] < p.alpha
+    return {**test, "challenger": new, "champion": old, "move": bool(wins),
+            "why": "challenger is significantly better" if wins else
+                   f"not better enough: improvement {new - old:+.4f} (min {p.min_improvement}), "
+                   f"p={test['p_value']:.4g} (alpha {p.alpha})"}

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.gate import baseline_gate
+from pipeline.gate import baseline_gate, enhance_baseline_gate, enhance_champion_gate
 from pipeline.gate import champion_gate as gate
 from pipeline.stages import register
 from pipeline.stages.register import RegisterParams, provenance
@@ -262,3 +262,112 @@ def test_register_refuses_a_crippled_model_even_without_a_champion() -> None:
     assert decision["baseline"]["p_value"] < 0.05
     good = register.gate(with_baseline(truth, set(), {3}), None, RegisterParams())
     assert good["move"] is True and good["baseline"]["passed"] is True
+
+
+# --- task enhance: per-utterance scores, paired Wilcoxon ------------------------------------------
+
+def enhance_table(model: list[float], ref: list[float] | None = None, prefix: str = "u") -> pd.DataFrame:
+    """A predictions.csv of task enhance (the columns the gate reads, and a few more)."""
+    n = len(model)
+    ref = ref if ref is not None else [0.0] * n
+    return pd.DataFrame({"path": [f"{prefix}{i:03d}.wav" for i in range(n)], "pair": [f"p{i}" for i in range(n)],
+                         "snr_db": 5.0, "si_snr": model, "ref_si_snr": ref, "pesq": 2.0, "ref_pesq": 1.5})
+
+
+SCORES = [float(s) for s in np.linspace(2.0, 12.0, 20)]  # per-utterance SI-SNR (dB) of one model
+
+
+def test_enhance_better_challenger_takes_the_alias() -> None:
+    champion = enhance_table(SCORES)[["path", "si_snr"]]
+    challenger = enhance_table([s + 1.0 + 0.05 * i for i, s in enumerate(SCORES)], ref=SCORES)
+    decision = register.gate(challenger, champion, RegisterParams(), task="enhance")
+    assert decision["move"] is True and decision["why"] == "challenger is significantly better"
+    assert decision["test"] == "wilcoxon" and decision["metric"] == "si_snr" and decision["n_files"] == 20
+    assert decision["p_value"] == pytest.approx(2 / 2**20)  # exact: every one of 20 differences positive
+    assert decision["improvement"] == pytest.approx(1.475)
+    assert decision["baseline"]["passed"] is True
+    bar = register.gate(challenger, champion, RegisterParams(min_improvement=2.0), task="enhance")
+    assert bar["move"] is False and "(min 2.0)" in bar["why"]
+
+
+def test_enhance_model_below_the_reference_is_refused_with_its_p_value() -> None:
+    worse = enhance_table([s - 0.5 for s in SCORES], ref=SCORES)
+    decision = register.gate(worse, None, RegisterParams(), task="enhance")
+    assert decision["move"] is False
+    assert decision["why"].startswith("refused by the baseline gate: below the reference (spectral gating): si_snr")
+    baseline = decision["baseline"]
+    assert baseline["gate"] == "at_least" and baseline["worse"] is True
+    # twenty equal differences: tied ranks, so scipy's normal approximation, not the exact 2 / 2**20
+    assert 0 < baseline["p_value"] < 1e-4 and baseline["improvement"] == pytest.approx(-0.5)
+    assert baseline["model"] == pytest.approx(np.mean(SCORES) - 0.5) and baseline["baseline"] == pytest.approx(np.mean(SCORES))
+
+
+def test_enhance_significantly_worse_model_is_refused_even_with_a_higher_mean() -> None:
+    # one huge win, nineteen small losses: the mean favours the model, the signed ranks do not
+    model = [s - 0.1 for s in SCORES[:19]] + [SCORES[19] + 10.0]
+    decision = enhance_baseline_gate(enhance_table(model, ref=SCORES), RegisterParams())
+    assert decision["improvement"] > 0 and decision["worse"] is True and decision["passed"] is False
+
+
+def test_enhance_significantly_better_baseline_gate_and_off() -> None:
+    params = RegisterParams(baseline_gate="significantly_better")
+    tied = enhance_baseline_gate(enhance_table(SCORES, ref=SCORES), params)
+    assert tied["passed"] is False and tied["p_value"] == 1.0
+    assert enhance_baseline_gate(enhance_table(SCORES, ref=SCORES), RegisterParams())["passed"] is True  # at_least
+    clear = enhance_baseline_gate(enhance_table([s + 3 for s in SCORES], ref=SCORES), params)
+    assert clear["passed"] is True and clear["why"] == "significantly better than the reference (spectral gating)"
+    off = enhance_baseline_gate(enhance_table([s - 3 for s in SCORES], ref=SCORES), RegisterParams(baseline_gate="off"))
+    assert off == {"gate": "off", "passed": True}
+
+
+def test_enhance_equal_model_keeps_the_champion() -> None:
+    decision = enhance_champion_gate(enhance_table(SCORES), enhance_table(SCORES)[["path", "si_snr"]], RegisterParams())
+    assert decision["move"] is False and decision["p_value"] == 1.0 and decision["improvement"] == 0.0
+    assert decision["why"] == "not better enough: improvement +0.0000 (min 0.0), p=1 (alpha 0.05)"
+
+
+def test_enhance_gate_on_another_metric() -> None:
+    params = RegisterParams(enhance_metric="pesq")
+    decision = register.gate(enhance_table(SCORES), None, params, task="enhance")
+    assert decision["baseline"]["metric"] == "pesq" and decision["baseline"]["improvement"] == pytest.approx(0.5)
+
+
+def test_enhance_champion_on_other_utterances_is_not_comparable() -> None:
+    challenger = enhance_table([s + 2 for s in SCORES])
+    other = enhance_table(SCORES, prefix="other")[["path", "si_snr"]]
+    decision = enhance_champion_gate(challenger, other, RegisterParams())
+    assert decision["move"] is False
+    assert decision["why"] == ("champion was evaluated on other test utterances or without si_snr (0 of 20 shared): "
+                               "not comparable; register.when_incomparable=keep")
+    partial = enhance_table(SCORES)[["path", "si_snr"]].iloc[5:]
+    assert "(15 of 20 shared)" in enhance_champion_gate(challenger, partial, RegisterParams())["why"]
+    assert enhance_champion_gate(challenger, partial, RegisterParams(when_incomparable="promote"))["move"] is True
+    no_metric = enhance_table(SCORES)[["path"]]  # the champion's predictions lack the metric
+    assert "(0 of 20 shared)" in enhance_champion_gate(challenger, no_metric, RegisterParams())["why"]
+
+
+def test_enhance_missing_scores_are_counted_and_missing_columns_named() -> None:
+    table = enhance_table([s + 1 for s in SCORES], ref=SCORES)
+    table.loc[0, "si_snr"] = np.nan
+    decision = enhance_baseline_gate(table, RegisterParams())
+    assert decision["n_files"] == 19 and decision["n_missing"] == 1
+    with pytest.raises(ValueError, match="no 'ref_stoi' column"):
+        enhance_baseline_gate(table, RegisterParams(enhance_metric="stoi"))
+
+
+def test_enhance_registered_name_and_a_champion_of_the_other_task() -> None:
+    from pipeline.contracts import EnhancerInfo, ModelInfo
+    from pipeline.features import FeatureParams
+
+    info = EnhancerInfo(spec={"arch": "unet"}, sample_rate=16000)
+    name = register.registered_name(RegisterParams(), info)
+    assert name.startswith("soundline-enhance-") and len(name.rsplit("-", 1)[1]) == 8
+    assert register.registered_name(RegisterParams(task_suffix=False), info) == "soundline"
+    classifier = ModelInfo(spec={}, classes=["a", "b"], binary=True, features=FeatureParams())
+    with pytest.raises(ValueError, match=r"task: 'classify' -> 'enhance'.*register.task_suffix"):
+        register.check_same_task("soundline", "3", classifier, info)
+    with pytest.raises(ValueError, match=r"task: 'enhance' -> 'classify'.*register.task_suffix"):
+        register.check_same_task("soundline", "3", info, classifier)
+    other_rate = EnhancerInfo(spec={"arch": "unet"}, sample_rate=8000)
+    with pytest.raises(ValueError, match="sample_rate: 8000 -> 16000"):
+        register.check_same_task("soundline", "3", other_rate, info)
