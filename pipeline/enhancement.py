@@ -9,17 +9,22 @@ judged on (clean, noisy, enhanced) triples of the same length at the same rate:
   quality, MOS-LQO in about [1.0, 4.64];
 - STOI (pystoi): short-time objective intelligibility, in about [0, 1].
 
-``spectral_gating`` (noisereduce) is the classical baseline a learned enhancer has to beat.
+``spectral_gating`` (noisereduce) is the classical baseline a learned enhancer has to beat;
+``score_utterances`` and ``summarise`` are what the evaluate stage reports for task enhance.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import noisereduce
 import numpy as np
+import pandas as pd
 import torch
 from pesq import pesq
 from pystoi import stoi
+
+from pipeline.stats import bootstrap_ci, wilcoxon_pairs
 
 # Guards the logarithm and the divisions against all-zero signals (digital silence in or out).
 EPS = 1e-8
@@ -126,3 +131,64 @@ def spectral_gating(noisy: Any, rate: int) -> np.ndarray:
     out = noisereduce.reduce_noise(y=wave, sr=rate, stationary=False, n_jobs=1, use_torch=False)
     out = np.asarray(out, dtype=np.float32)
     return out[:len(wave)] if len(out) >= len(wave) else np.pad(out, (0, len(wave) - len(out)))
+
+
+METRICS = ("si_snr", "si_snr_i", "pesq", "stoi")  # per utterance, higher is better for each
+REFERENCE = "ref_"  # column prefix of the spectral-gating reference's scores
+
+
+def score_utterances(rows: pd.DataFrame, load: Callable[[str], np.ndarray], rate: int,
+                     enhance: Callable[[np.ndarray], np.ndarray]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Score the enhancer and the spectral-gating reference on every (noisy ``path``, clean ``pair``) row.
+
+    ``load(rel)`` gives a (T,) wave at ``rate``; ``enhance(noisy)`` the enhanced (T,) wave. Returns
+    one row per utterance, sorted by path (the columns of ``reports/predictions.csv``), and the
+    enhanced waves by path (evaluate keeps a few as samples).
+    """
+    records, enhanced = [], {}
+    for row in rows.sort_values("path").itertuples(index=False):
+        noisy, clean = load(row.path), load(row.pair)
+        enhanced[row.path] = out = enhance(noisy)
+        model = utterance_metrics(clean, noisy, out, rate)
+        ref = utterance_metrics(clean, noisy, spectral_gating(noisy, rate), rate)
+        records.append({"path": row.path, "pair": row.pair, "group": row.group, "snr_db": row.snr_db,
+                        "noise": row.noise, **{m: model[m] for m in METRICS},
+                        "si_snr_noisy": si_snr(noisy, clean), "pesq_noisy": model["pesq_noisy"],
+                        "stoi_noisy": model["stoi_noisy"], **{REFERENCE + m: ref[m] for m in METRICS}})
+    return pd.DataFrame(records), enhanced
+
+
+def describe(values: np.ndarray, n_resamples: int, seed: int) -> dict[str, Any]:
+    """Mean, std and the 95% percentile-bootstrap CI of the mean of (n,) ``values``."""
+    mean, low, high = bootstrap_ci(lambda v, _: float(np.mean(v)), values, values, n_resamples=n_resamples, seed=seed)
+    return {"mean": mean, "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "ci95": [low, high], "n": int(len(values))}
+
+
+def summarise(scores: pd.DataFrame, n_resamples: int, seed: int) -> dict[str, Any]:
+    """The enhancer, the reference and the noisy input over ``scores`` (``score_utterances``'
+    table): per metric mean/std/CI; the model minus the reference and a paired Wilcoxon of the two."""
+    out: dict[str, Any] = {
+        "model": {m: describe(scores[m].to_numpy(), n_resamples, seed) for m in METRICS},
+        "baseline": {m: describe(scores[REFERENCE + m].to_numpy(), n_resamples, seed) for m in METRICS},
+        "noisy": {m: describe(scores[f"{m}_noisy"].to_numpy(), n_resamples, seed) for m in ("si_snr", "pesq", "stoi")}}
+    out["model_minus_baseline"] = {m: out["model"][m]["mean"] - out["baseline"][m]["mean"] for m in METRICS}
+    tests = {}
+    for m in METRICS:
+        # sorted names: a = "model", b = "ref", so the test is on ref - model
+        row = wilcoxon_pairs({"model": scores[m].to_numpy(), "ref": scores[REFERENCE + m].to_numpy()}).iloc[0]
+        tests[m] = {"statistic": float(row["statistic"]), "p_value": float(row["p_value"]), "n": int(row["n"])}
+    out["wilcoxon_vs_baseline"] = tests
+    return out
+
+
+def by_snr(scores: pd.DataFrame) -> pd.DataFrame:
+    """Mean scores per stated input SNR (dB) of the model, the reference and the noisy input
+    (long format: snr_db, enhancer, metric columns), the table behind the SNR plot."""
+    parts = []
+    for name, prefix in (("model", ""), ("spectral_gating", REFERENCE)):
+        part = scores.groupby("snr_db")[[prefix + m for m in METRICS]].mean()
+        parts.append(part.set_axis(list(METRICS), axis=1).assign(enhancer=name))
+    noisy = scores.groupby("snr_db")[["si_snr_noisy", "pesq_noisy", "stoi_noisy"]].mean()
+    parts.append(noisy.set_axis(["si_snr", "pesq", "stoi"], axis=1).assign(si_snr_i=0.0, enhancer="noisy"))
+    return pd.concat(parts).reset_index()[["snr_db", "enhancer", *METRICS]]

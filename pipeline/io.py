@@ -72,13 +72,14 @@ def write_csv(path: Path | str, frame: pd.DataFrame) -> None:
         frame.to_csv(tmp, index=False, lineterminator="\n")
 
 
-def read_metadata(path: Path | str) -> pd.DataFrame:
-    """Read a ``metadata.csv``; labels and groups stay strings (``"0"`` is a label, not 0)."""
+def read_metadata(path: Path | str, required: tuple[str, ...] = ("path", "label", "group")) -> pd.DataFrame:
+    """Read a ``metadata.csv``; labels and groups stay strings (``"0"`` is a label, not 0).
+    ``required``: the columns it must have (task enhance: path, group, pair)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: metadata file not found")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = {"path", "label", "group"} - set(frame.columns)
+    missing = set(required) - set(frame.columns)
     if missing:
         raise ValueError(f"{path}: missing required column(s) {sorted(missing)}")
     return frame

@@ -11,6 +11,13 @@ The baseline (``pipeline.baseline``: MFCC statistics + logistic regression) is f
 the model's training files and scored on the same test files with the same metrics: the report
 has a ``baseline`` section, ``model_minus_baseline`` and a paired comparison (McNemar, paired
 bootstrap) in ``model_vs_baseline``; the predictions table carries its ``baseline_*`` columns.
+
+Task enhance (params.yaml ``task``): every test utterance is enhanced whole, through the same
+``ExportedEnhancer.enhance`` the service calls, and scored against its clean pair (SI-SNR, its
+improvement, PESQ, STOI); spectral gating, the classical reference, is scored on the same
+utterances (``ref_*`` columns, the ``baseline`` section, a paired Wilcoxon per metric). The
+predictions table has one row per utterance; groups are speakers; the plots folder holds the
+scores by input SNR and ``evaluate.enhance_samples`` clean/noisy/enhanced triplets.
 """
 from __future__ import annotations
 
@@ -24,12 +31,13 @@ from pydantic import Field
 from sklearn import metrics as skm
 from sklearn.pipeline import Pipeline
 
-from pipeline import baseline, plots, tracking
-from pipeline.config import Section, load_section
+from pipeline import audio, baseline, enhancement, plots, tracking
+from pipeline.config import Section, load_section, load_task
 from pipeline.contracts import FeaturesFolder, ModelFolder, PretrainFolder
 from pipeline.evaluation import (curve_inputs, differences, file_level, flat_metrics, paired_comparison,
                                  predictions_table, psnr, scored)
 from pipeline.io import write_csv, write_json
+from pipeline.models.enhancer import ExportedEnhancer
 from pipeline.models.inference import ExportedModel, load_pretrained_mae, reconstruction_losses
 
 
@@ -111,6 +119,43 @@ def run(features_dir: Path, ignored_csv: Path, model_dir: Path, pretrained_dir: 
     return metrics
 
 
+def run_enhance(raw_dir: Path, features_dir: Path, model_dir: Path, p: EvaluateParams, out: dict[str, Path]) -> dict:
+    """Task enhance (see the module docstring): the report; every output written."""
+    index = FeaturesFolder(features_dir).enhance_index()
+    enhancer = ExportedEnhancer.load(model_dir)
+    rate = enhancer.sample_rate
+    test = index[index["split"] == "test"]
+    scores, waves = enhancement.score_utterances(test, lambda rel: audio.load(raw_dir / rel, rate, name=rel), rate,
+                                                 lambda noisy: enhancer.enhance(noisy, rate))
+    report = {"task": "enhance", "utterances": len(scores), "speakers": int(scores["group"].nunique()),
+              **enhancement.summarise(scores, p.bootstrap_resamples, p.seed)}
+    snr = enhancement.by_snr(scores)
+    report["by_snr"] = {f"{s:g}": part.set_index("enhancer").drop(columns="snr_db").to_dict("index")
+                        for s, part in snr.groupby("snr_db")}
+    write_csv(out["predictions"], scores)
+    write_csv(out["groups"], scores.groupby("group")[list(enhancement.METRICS)].mean().reset_index())
+    write_csv(out["segments"], pd.DataFrame(columns=["path"]))  # no segments in task enhance
+    write_json(out["metrics"], report)
+    write_csv(out["plots"] / "enhance_by_snr.csv", snr)
+    picks = scores.sort_values(["snr_db", "path"]).iloc[np.linspace(0, len(scores) - 1, p.enhance_samples).astype(int)
+                                                        if p.enhance_samples and len(scores) else []]
+    samples = out["plots"] / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    for row in picks.drop_duplicates("path").itertuples(index=False):
+        stem = Path(row.path).stem
+        for kind, rel in (("clean", row.pair), ("noisy", row.path)):
+            audio.write_wav(samples / f"{stem}_{kind}.wav", audio.load(raw_dir / rel, rate, name=rel), rate)
+        audio.write_wav(samples / f"{stem}_enhanced.wav", waves[row.path], rate)
+    with tracking.stage_run("evaluate", p) as stage:
+        tracking.write_run_id(out["run_id"], stage)
+        stage.log_metrics({**{m: report["model"][m]["mean"] for m in enhancement.METRICS},
+                           **{f"baseline/{m}": report["baseline"][m]["mean"] for m in enhancement.METRICS}})
+        stage.log_artifact(out["predictions"])
+        stage.log_artifact(out["groups"])
+        stage.log_artifact(samples, "samples")
+    return report
+
+
 def write_outputs(table: pd.DataFrame, groups: pd.DataFrame, y_true: np.ndarray, probs: dict[str, np.ndarray],
                   kept: np.ndarray, metrics: dict, out: dict[str, Path]) -> None:
     write_csv(out["predictions"], table)
@@ -130,7 +175,7 @@ def write_outputs(table: pd.DataFrame, groups: pd.DataFrame, y_true: np.ndarray,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("features", "ignored", "model", "pretrained", "metrics", "predictions", "segments", "groups",
+    for name in ("raw", "features", "ignored", "model", "pretrained", "metrics", "predictions", "segments", "groups",
                  "plots", "run-id"):
         parser.add_argument(f"--{name}", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -138,9 +183,16 @@ def main(argv: list[str] | None = None) -> None:
     out = {"metrics": args.metrics, "predictions": args.predictions, "segments": args.segments, "groups": args.groups,
            "plots": args.plots, "run_id": args.run_id}
     try:
-        metrics = run(args.features, args.ignored, args.model, args.pretrained,
-                      load_section("evaluate", EvaluateParams, args.params), out)
-    except (ValueError, FileNotFoundError, tracking.TrackingUnavailable) as err:
+        params = load_section("evaluate", EvaluateParams, args.params)
+        args.plots.mkdir(parents=True, exist_ok=True)
+        if load_task(args.params) == "enhance":
+            report = run_enhance(args.raw, args.features, args.model, params, out)
+            print("evaluate: " + ", ".join(
+                f"{m} {report['model'][m]['mean']:.3f} vs spectral gating {report['baseline'][m]['mean']:.3f}"
+                for m in ("si_snr_i", "pesq", "stoi")) + f" over {report['utterances']} test utterances")
+            return
+        metrics = run(args.features, args.ignored, args.model, args.pretrained, params, out)
+    except (ValueError, FileNotFoundError, tracking.TrackingUnavailable, audio.AudioError) as err:
         sys.exit(f"evaluate: {err}")
     files, groups = metrics["files"], metrics["groups"]
     base = metrics["baseline"]["files"]["balanced_accuracy"]

@@ -4,6 +4,10 @@ Writes the features folder (``pipeline.contracts.FeaturesFolder``): one memory-m
 an index with one row per clip and its split/fold, and ``meta.json`` with the feature
 parameters, shape and class list, so training and serving compute and read features the same
 way without reading params.yaml.
+
+Task enhance (params.yaml ``task``): no features are computed (the enhancer reads the waves);
+the folder holds the index of noisy files with their clean ``pair``, split by speaker (group) the
+same way, and an EnhanceMeta naming the rate (``features.sample_rate``) every wave is read at.
 """
 from __future__ import annotations
 
@@ -17,10 +21,11 @@ import torch
 from pydantic import Field
 
 from pipeline import audio
-from pipeline.config import Section, load_section
-from pipeline.contracts import FeatureMeta, FeaturesFolder
+from pipeline.config import Section, load_section, load_task
+from pipeline.contracts import ENHANCE_INDEX_COLUMNS, EnhanceMeta, FeatureMeta, FeaturesFolder
 from pipeline.features import BandNorm, FeatureParams, SegmentParams, log_mel_batch
-from pipeline.io import atomic_dir
+from pipeline.io import atomic_dir, write_json
+from pipeline.pairs import check_pair_splits
 from pipeline.parallel import pmap
 from pipeline.splits import SplitParams, assign, check_leakage
 
@@ -112,6 +117,34 @@ def run(raw_dir: Path, manifest_path: Path, p: FeaturizeParams, out_dir: Path) -
     return index
 
 
+def enhance_index(manifest: pd.DataFrame, p: FeaturizeParams) -> pd.DataFrame:
+    """Task enhance: one row per noisy file, split by group (speaker) like classify's clips; a
+    clean reference shared by noisy files of two splits is refused, naming it."""
+    files = manifest.assign(snr_db=pd.to_numeric(manifest.get("snr_db"), errors="coerce"),
+                            noise=manifest.get("noise", pd.Series("", index=manifest.index)).astype(str),
+                            group=manifest["group"].astype(str)).reset_index(drop=True)
+    # one stratum: any speaker may go anywhere; the folds only balance speaker counts
+    files[["split", "fold"]] = assign(pd.Series("pair", index=files.index), files["group"], p.split)
+    files.insert(0, "row", np.arange(len(files)))
+    index = files[list(ENHANCE_INDEX_COLUMNS)]
+    check_leakage(index)
+    if problems := check_pair_splits(index):
+        raise ValueError("; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
+    return index
+
+
+def run_enhance(manifest_path: Path, p: FeaturizeParams, out_dir: Path) -> pd.DataFrame:
+    manifest = pd.read_parquet(manifest_path)
+    if "pair" not in manifest.columns:
+        raise ValueError(f"{manifest_path}: no 'pair' column; was validate_raw run with task: enhance?")
+    index = enhance_index(manifest, p)
+    with atomic_dir(out_dir) as tmp:
+        folder = FeaturesFolder(tmp)
+        index.to_parquet(folder.index_path, index=False)
+        write_json(folder.meta_path, EnhanceMeta(sample_rate=p.features.sample_rate, pairs=len(index)).model_dump())
+    return index
+
+
 def band_statistics(features: np.ndarray, index: pd.DataFrame) -> dict[str, BandNorm]:
     """Per-band statistics of the training rows of each fold, and of the whole training split.
 
@@ -134,11 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         params = load_section("featurize", FeaturizeParams, args.params)
-        index = run(args.raw, args.manifest, params, args.out)
+        enhance = load_task(args.params) == "enhance"
+        index = (run_enhance(args.manifest, params, args.out) if enhance
+                 else run(args.raw, args.manifest, params, args.out))
     except (ValueError, FileNotFoundError, audio.AudioError) as err:
         sys.exit(f"featurize: {err}")
-    counts = index.groupby(["split", "label"]).size().to_dict()
-    print(f"featurize: {len(index)} clips -> {args.out}; per split/label: {counts}")
+    counts = index.groupby(["split", "group" if enhance else "label"]).size().to_dict()
+    print(f"featurize: {len(index)} {'pairs' if enhance else 'clips'} -> {args.out}; "
+          f"per split/{'group' if enhance else 'label'}: {counts}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Bounds are computed over the training split (``train_recon.csv`` + ``val_recon.csv``) and
 applied to every file, held-out ones included, so the test set is filtered by a rule fixed
 before it is seen. Each quantity has its own rule (params ``filter.reconstruction`` and
-``filter.energy``); a rule with ``mode: null`` is off.
+``filter.energy``); a rule with ``mode: null`` is off. Task enhance filters nothing (there is
+no reconstruction loss): the list is empty and the metrics say why.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import load_section
+from pipeline.config import load_section, load_task
 from pipeline.io import write_csv, write_json
 from pipeline.outliers import FilterParams, bounds, select_ignored
 
@@ -63,7 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     try:
-        ignored, summary = run(args.recon, load_section("filter", FilterParams, args.params))
+        params = load_section("filter", FilterParams, args.params)
+        if load_task(args.params) == "enhance":
+            write_csv(args.out, pd.DataFrame(columns=["filename", "reason"]))
+            write_json(args.metrics, {"skipped": "task: enhance filters no recordings"})
+            print("filter: task enhance, nothing to filter")
+            return
+        ignored, summary = run(args.recon, params)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"filter: {err}")
     write_csv(args.out, ignored)

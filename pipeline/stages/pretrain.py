@@ -21,7 +21,7 @@ from pydantic import Field
 from safetensors.torch import save_file
 
 from pipeline import plots, tracking
-from pipeline.config import Section, load_section
+from pipeline.config import Section, load_section, load_task
 from pipeline.contracts import FeaturesFolder, PretrainFolder, PretrainInfo
 from pipeline.io import atomic_dir, write_json
 from pipeline.models.inference import load_weights, reconstruction_losses
@@ -122,6 +122,17 @@ def run(features_dir: Path, p: PretrainParams, work: Path, model_dir: Path, reco
             "train_files": len(train), "val_files": len(val)}
 
 
+def skip(model_dir: Path, recon_dir: Path, work: Path, run_file: Path) -> dict:
+    """Task enhance pretrains nothing: each declared output says so, so DVC has its outs and
+    nothing downstream can mistake them for a trained MAE (PretrainFolder.exists() is False)."""
+    note = {"skipped": "task: enhance has no masked-autoencoder pretraining"}
+    for folder in (model_dir, recon_dir, work):
+        with atomic_dir(folder) as tmp:
+            write_json(tmp / "skipped.json", note)
+    write_json(run_file, note)
+    return note
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=Path, required=True)
@@ -134,7 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         params = load_section("pretrain", PretrainParams, args.params)
-        metrics = run(args.features, params, args.work, args.model, args.recon, args.run_id)
+        if load_task(args.params) == "enhance":
+            metrics = skip(args.model, args.recon, args.work, args.run_id)
+        else:
+            metrics = run(args.features, params, args.work, args.model, args.recon, args.run_id)
     except (ValueError, FileNotFoundError, tracking.TrackingUnavailable) as err:
         sys.exit(f"pretrain: {err}")
     write_json(args.metrics, metrics)

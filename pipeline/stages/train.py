@@ -5,6 +5,10 @@ as safetensors, a nested MLflow run. Folds already complete are skipped on a rer
 interrupted fold resumes from its last checkpoint. The final model is the best fold's best
 checkpoint by ``trainer.monitor`` (the documented selection rule); mean ± std over folds are
 the reported cross-validation metrics.
+
+Task enhance (params.yaml ``task``): one MaskUNet fit (``train.enhance``) on the training split
+outside ``val_fold``, early stopping on validation SI-SNR over that fold's speakers, the best
+epoch's weights exported with an EnhancerInfo; the classify settings are not read.
 """
 from __future__ import annotations
 
@@ -24,14 +28,15 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from safetensors.torch import save_file
 
 from pipeline import plots, profile, tracking
-from pipeline.config import Section, load_section
-from pipeline.contracts import FeaturesFolder, ModelFolder, ModelInfo, PretrainFolder
+from pipeline.config import Section, load_section, load_task
+from pipeline.contracts import EnhancerInfo, FeaturesFolder, ModelFolder, ModelInfo, PretrainFolder
 from pipeline.features import BandNorm
 from pipeline.io import atomic_dir, file_digest, write_csv, write_json
 from pipeline.models.inference import embeddings, load_weights
-from pipeline.models.networks import ModelParams, backbone_of, build_network, make_spec
+from pipeline.models.networks import ModelParams, backbone_of, build_network, make_spec, make_unet_spec
 from pipeline.training.config import AugmentParams, EnhanceParams, SpecAugmentParams, TrainerParams
 from pipeline.training.data import FeatureDataModule, LabelCoder
+from pipeline.training.enhance import enhance_rows, fit_enhancer
 from pipeline.training.kfold import fingerprint, fit_fold, is_main_process, prepare_workdir, read_history, seed_all
 from pipeline.training.losses import LOSS_ALIASES, TripletLoss, build_loss
 from pipeline.training.modules import ClassifierModule, TripletModule
@@ -236,6 +241,40 @@ def run(features_dir: Path, ignored_csv: Path, pretrained_dir: Path, p: TrainPar
     return summary
 
 
+def run_enhance(raw_dir: Path, features_dir: Path, p: TrainParams, work: Path, model_dir: Path,
+                curves_out: Path, run_file: Path) -> dict:
+    """Task enhance: fit the enhancer, export it (see the module docstring); the summary."""
+    folder, e = FeaturesFolder(features_dir), p.enhance
+    index, meta = folder.enhance_index(), folder.enhance_meta()
+    prepare_workdir(work, fingerprint(e.model_dump(), folder.content_id()))
+    with tracking.stage_run("train", p) as stage:
+        tracking.write_run_id(run_file, stage)
+        train, val = enhance_rows(index, e.val_fold)
+        with stage.child("enhance", {"train_pairs": len(train), "val_pairs": len(val)}) as child:
+            result, module = fit_enhancer(raw_dir, index, e, meta.sample_rate, work / "enhance",
+                                          tracking.lightning_logger(child))
+        with atomic_dir(model_dir) as tmp:
+            shutil.copy2(work / "enhance" / "model.safetensors", tmp / "model.safetensors")
+            ModelFolder(tmp).write_info(EnhancerInfo(
+                spec=make_unet_spec(e.model), sample_rate=meta.sample_rate, seed=e.trainer.seed, fold="enhance",
+                selection=f"best epoch by {e.trainer.monitor} ({e.trainer.monitor_mode})"))
+            train[["path", "pair"]].to_csv(ModelFolder(tmp).training_files_path, index=False, lineterminator="\n")
+            (tmp / "config_used.yaml").write_text(yaml.safe_dump(e.model_dump(mode="json"), sort_keys=False))
+            (tmp / "model_summary.txt").write_text(str(ModelSummary(module, max_depth=2)))
+        history = read_history(work / "enhance" / "history.csv")
+        write_csv(curves_out, history)
+        summary = {"task": "enhance", "final_fold": "enhance", "epochs": result["epochs"],
+                   "train_pairs": len(train), "val_pairs": len(val), "resumed": result["resumed"],
+                   **{f"best/{k}": v for k, v in result["metrics"].items()},
+                   "partial": bool(e.trainer.fast_dev_run or e.trainer.overfit_batches)}
+        stage.log_metrics({k: v for k, v in summary.items() if k.startswith("best/")})
+        stage.log_artifact(model_dir / "config_used.yaml")
+        if not history.empty:
+            metrics = [m for m in ("train/loss", "val/loss", e.trainer.monitor) if m in history]
+            stage.log_figure(plots.learning_curves(history, list(dict.fromkeys(metrics))), "plots/learning_curves.png")
+    return summary
+
+
 def summarize(results: list[dict], p: TrainerParams) -> dict:
     """Mean ± std of every fold metric, and the final fold by the selection rule."""
     frame = pd.DataFrame([r["metrics"] for r in results])
@@ -254,6 +293,7 @@ def summarize(results: list[dict], p: TrainerParams) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=Path, required=True)
+    parser.add_argument("--raw", type=Path, required=True, help="the recordings (task enhance reads the waves)")
     parser.add_argument("--manifest", type=Path, help="validate_raw's manifest: the model's drift profile")
     parser.add_argument("--ignored", type=Path, required=True, help="filter stage output")
     parser.add_argument("--pretrained", type=Path, required=True, help="pretrain stage model folder")
@@ -266,15 +306,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         params = load_section("train", TrainParams, args.params)
-        summary = run(args.features, args.ignored, args.pretrained, params, args.work, args.model,
-                      args.curves, args.run_id, args.manifest)
+        if load_task(args.params) == "enhance":
+            summary = run_enhance(args.raw, args.features, params, args.work, args.model, args.curves, args.run_id)
+        else:
+            summary = run(args.features, args.ignored, args.pretrained, params, args.work, args.model,
+                          args.curves, args.run_id, args.manifest)
     except (ValueError, FileNotFoundError, tracking.TrackingUnavailable) as err:
         sys.exit(f"train: {err}")
     if not summary:  # an extra process of a multi-process run: the main one writes
         return
     write_json(args.metrics, summary)
     print(f"train: final fold {summary['final_fold']}; " + ", ".join(
-        f"{k}={v:.4f}" for k, v in summary.items() if k.endswith("_mean")))
+        f"{k}={v:.4f}" for k, v in summary.items() if k.endswith("_mean") or k.startswith("best/")))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Checks that every clip's features are finite and of the declared shape, that signal energy is
 within bounds, that every fold and the test set hold enough clips of every class, and that no
 group sits in two places (train fold, test).
+
+Task enhance (params.yaml ``task``): the folder holds no array; the suite checks the pair index
+instead: every fold and the test set hold at least ``min_clips_per_fold_class`` pairs, no group
+and no clean reference sits in two places.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from pipeline.config import Section, load_section
+from pipeline.config import Section, load_section, load_task
 from pipeline.contracts import FeatureMeta, FeaturesFolder
 from pipeline.expectations import SuiteReport, Table, validate
 from pipeline.io import write_json
@@ -80,10 +84,35 @@ def tables(index: pd.DataFrame, features: np.ndarray, meta: FeatureMeta, p: Feat
     }
 
 
+def enhance_tables(index: pd.DataFrame, p: FeatureChecks) -> dict[str, Table]:
+    """Task enhance: pairs per fold and test, groups and clean references each in one place."""
+    ex = gx.expectations
+    places = group_places(index)
+    cleans = group_places(index.assign(group=index["pair"])).rename(columns={"group": "pair"})
+    counts = fold_class_counts(index.assign(label="pairs"))
+    return {
+        "pairs": Table(index, "path", [
+            ex.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"]),
+            ex.ExpectColumnValuesToBeUnique(column="row"),
+            ex.ExpectColumnValuesToNotBeNull(column="pair"),
+        ], context=("pair", "group")),
+        "folds": Table(counts, "key", [ex.ExpectColumnValuesToBeBetween(column="count",
+                                                                        min_value=p.min_clips_per_fold_class)]),
+        "groups": Table(places, "group", [ex.ExpectColumnValuesToBeBetween(column="n_places", max_value=1)],
+                        context=("places",)),
+        "clean": Table(cleans, "pair", [ex.ExpectColumnValuesToBeBetween(column="n_places", max_value=1)],
+                       context=("places",)),
+    }
+
+
 def run(features_dir: Path, p: FeatureChecks, result_out: Path, docs_dir: Path) -> SuiteReport:
     folder = FeaturesFolder(features_dir)
-    index = folder.index()
-    report = validate("validate_features", tables(index, folder.array(), folder.meta(), p), docs_dir)
+    if folder.task() == "enhance":
+        index = folder.enhance_index()
+        report = validate("validate_features", enhance_tables(index, p), docs_dir)
+    else:
+        index = folder.index()
+        report = validate("validate_features", tables(index, folder.array(), folder.meta(), p), docs_dir)
     write_json(result_out, {"success": report.success, "clips": len(index), "expectations": report.evaluated,
                             "failed": len(report.failures), "failures": [f.__dict__ for f in report.failures]})
     return report
@@ -97,8 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     try:
-        report = run(args.features, load_section("validate_features", FeatureChecks, args.params),
-                     args.result, args.docs)
+        params = load_section("validate_features", FeatureChecks, args.params)
+        task = load_task(args.params)
+        if FeaturesFolder(args.features).task() != task:
+            raise ValueError(f"{args.features} holds features of task {FeaturesFolder(args.features).task()}, "
+                             f"params.yaml says task: {task}; rerun featurize")
+        report = run(args.features, params, args.result, args.docs)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"validate_features: {err}")
     print(report.summary())

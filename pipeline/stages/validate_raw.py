@@ -4,6 +4,11 @@ The manifest has one row per file listed in ``metadata.csv``: content hash, head
 signal statistics. The suite stops the pipeline (exit 1) on unreadable or non-finite audio,
 disallowed sample rates, durations out of bounds, unknown labels, too few clips per class,
 too much class imbalance, and identical content filed under different labels.
+
+Task enhance (params.yaml ``task``): ``metadata.csv`` lists noisy files with their clean ``pair``
+(no label); the label checks give way to the pair checks (``pipeline.pairs``): both sides
+present and readable, one sample rate, lengths within ``pairs.length_tolerance_s``, a stated
+``snr_db`` within ``pairs.snr_db``; each failing pair is named with its problem.
 """
 from __future__ import annotations
 
@@ -18,10 +23,10 @@ import pandas as pd
 from pydantic import Field
 
 from pipeline import audio
-from pipeline.config import Section, load_section
+from pipeline.config import Section, Task, load_section, load_task
 from pipeline.expectations import SuiteReport, Table, validate
 from pipeline.io import read_metadata, write_json, write_parquet
-from pipeline.pairs import PairParams
+from pipeline.pairs import PairParams, check_pairs
 from pipeline.parallel import pmap
 
 
@@ -90,7 +95,19 @@ def content_table(manifest: pd.DataFrame, label_column: str) -> pd.DataFrame:
     }).reset_index()
 
 
-def tables(manifest: pd.DataFrame, p: RawParams) -> dict[str, Table]:
+def pair_table(metadata: pd.DataFrame, raw_dir: Path, p: PairParams) -> pd.DataFrame:
+    """One row per noisy file: ``pair_ok`` and the pair's problems (``pipeline.pairs.check_pairs``)."""
+    stated = metadata.get("snr_db", pd.Series("", index=metadata.index)).str.strip()
+    snr = pd.to_numeric(stated, errors="coerce")
+    rows = metadata.assign(snr_db=snr)
+    problems = [([f"{path}: snr_db {text!r} is not a number"] if text and pd.isna(value) else [])
+                + check_pairs(rows.iloc[[i]], raw_dir, p.length_tolerance_s, p.snr_db)
+                for i, (path, text, value) in enumerate(zip(metadata["path"], stated, snr))]
+    return pd.DataFrame({"path": metadata["path"], "pair": metadata["pair"],
+                         "pair_ok": [not found for found in problems], "problem": ["; ".join(f) for f in problems]})
+
+
+def file_expectations(p: RawParams) -> list:
     ex = gx.expectations
     files = [
         ex.ExpectTableRowCountToBeBetween(min_value=1),
@@ -100,10 +117,16 @@ def tables(manifest: pd.DataFrame, p: RawParams) -> dict[str, Table]:
         ex.ExpectColumnValuesToBeBetween(column="duration_s", min_value=p.min_duration_s,
                                          max_value=p.max_duration_s),
     ]
-    if p.classes:
-        files.append(ex.ExpectColumnValuesToBeInSet(column=p.label_column, value_set=p.classes))
     if p.stereo == "reject":
         files.append(ex.ExpectColumnValuesToBeInSet(column="channels", value_set=[1]))
+    return files
+
+
+def tables(manifest: pd.DataFrame, p: RawParams) -> dict[str, Table]:
+    ex = gx.expectations
+    files = file_expectations(p)
+    if p.classes:
+        files.append(ex.ExpectColumnValuesToBeInSet(column=p.label_column, value_set=p.classes))
     classes = [
         ex.ExpectColumnValuesToBeBetween(column="count", min_value=p.min_clips_per_class),
         ex.ExpectColumnValuesToBeBetween(column="imbalance", max_value=p.max_class_ratio),
@@ -116,14 +139,27 @@ def tables(manifest: pd.DataFrame, p: RawParams) -> dict[str, Table]:
     }
 
 
-def run(raw_dir: Path, p: RawParams, manifest_out: Path, result_out: Path, docs_dir: Path) -> SuiteReport:
-    metadata = read_metadata(raw_dir / "metadata.csv")
-    if p.label_column not in metadata.columns:
-        raise ValueError(f"{raw_dir / 'metadata.csv'}: no column '{p.label_column}' (validate_raw.label_column)")
+def enhance_tables(manifest: pd.DataFrame, pairs: pd.DataFrame, p: RawParams) -> dict[str, Table]:
+    """Task enhance: the noisy files' checks, and one pair check per noisy file naming its problem."""
+    ok = [gx.expectations.ExpectColumnValuesToBeInSet(column="pair_ok", value_set=[True])]
+    return {"files": Table(manifest, "path", file_expectations(p), context=("error",)),
+            "pairs": Table(pairs, "path", ok, context=("problem",))}
+
+
+def run(raw_dir: Path, p: RawParams, manifest_out: Path, result_out: Path, docs_dir: Path,
+        task: Task = "classify") -> SuiteReport:
+    if task == "enhance":
+        metadata = read_metadata(raw_dir / "metadata.csv", required=("path", "group", "pair"))
+    else:
+        metadata = read_metadata(raw_dir / "metadata.csv")
+        if p.label_column not in metadata.columns:
+            raise ValueError(f"{raw_dir / 'metadata.csv'}: no column '{p.label_column}' (validate_raw.label_column)")
     manifest = build_manifest(raw_dir, metadata, p.workers)
-    report = validate("validate_raw", tables(manifest, p), docs_dir)
+    checks = (enhance_tables(manifest, pair_table(metadata, raw_dir, p.pairs), p) if task == "enhance"
+              else tables(manifest, p))
+    report = validate("validate_raw", checks, docs_dir)
     write_parquet(manifest_out, manifest)
-    summary = {"success": report.success, "files": len(manifest),
+    summary = {"success": report.success, "task": task, "files": len(manifest),
                "unreadable": int((~manifest["readable"].astype(bool)).sum()),
                "expectations": report.evaluated, "failed": len(report.failures)}
     write_json(result_out, {**summary, "failures": [f.__dict__ for f in report.failures]})
@@ -140,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         params = load_section("validate_raw", RawParams, args.params)
-        report = run(args.raw, params, args.manifest, args.result, args.docs)
+        report = run(args.raw, params, args.manifest, args.result, args.docs, load_task(args.params))
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"validate_raw: {err}")
     print(report.summary())

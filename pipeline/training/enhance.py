@@ -19,8 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline import audio
 from pipeline.enhancement import si_snr_torch
-from pipeline.training.config import TrainerParams
+from pipeline.models.networks import build_network, make_unet_spec
+from pipeline.training.config import EnhanceParams, TrainerParams
 from pipeline.training.data import EpochSampler
+from pipeline.training.kfold import fit_fold, seed_all
 from pipeline.training.modules import _Base
 
 Batch = tuple[Tensor, Tensor, Tensor]  # noisy (B, T), clean (B, T), lengths (B,) int64
@@ -143,3 +145,23 @@ class EnhanceModule(_Base):
         if self.spectral_weight:
             loss = loss + self.spectral_weight * self.spectral_l1(enhanced, clean)
         return {"loss": loss, "si_snr": scores.detach().mean()}
+
+
+def enhance_rows(index: pd.DataFrame, val_fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train and validation rows of a paired index: the training split outside / inside ``val_fold``."""
+    pool = index[index["split"] == "train"]
+    folds = sorted(pool["fold"].unique())
+    if val_fold not in folds:
+        raise ValueError(f"train.enhance.val_fold {val_fold} is not a fold of the training split {folds}")
+    return pool[pool["fold"] != val_fold], pool[pool["fold"] == val_fold]
+
+
+def fit_enhancer(raw_dir: Path, index: pd.DataFrame, p: EnhanceParams, rate: int, work: Path,
+                 logger: object = None) -> tuple[dict, EnhanceModule]:
+    """Fit (or resume, or skip when done) the MaskUNet recipe in ``work``: early stopping on
+    ``p.trainer.monitor``, the best weights in ``work/model.safetensors`` (see ``fit_fold``)."""
+    train, val = enhance_rows(index, p.val_fold)
+    seed_all(p.trainer.seed)
+    module = EnhanceModule(build_network(make_unet_spec(p.model)), p.trainer, p.spectral_weight)
+    data = PairedWaveDataModule(raw_dir, train, val, None, p.trainer, rate, p.crop_s)
+    return fit_fold("enhance", module, data, p.trainer, work, logger), module
