@@ -7,6 +7,7 @@ safetensors, never from a pickle.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -104,6 +105,23 @@ def load_weights(network: nn.Module, path: Path) -> nn.Module:
         raise FileNotFoundError(f"{path}: weights not found")
     network.load_state_dict(load_file(str(path)))
     return network
+
+
+def pretrained_weights(pretrained_dir: Path, spec: dict) -> Path:
+    """The pretrain stage's encoder weights, after checking they fit the configured MAE."""
+    if spec["arch"] != "mae":
+        raise ValueError("train.init_from_pretrain needs train.model.arch: mae")
+    folder = PretrainFolder(pretrained_dir)
+    pre = folder.info().spec["kwargs"]
+
+    def shape(kwargs: dict) -> dict:  # mask_ratio may differ: it does not change the weights
+        # through JSON, as the pretrain stage stored it: a (16, 16) patch equals its [16, 16]
+        return json.loads(json.dumps({k: v for k, v in kwargs.items() if k != "mask_ratio"}))
+
+    if shape(pre) != shape(spec["kwargs"]):
+        raise ValueError(f"train.model {shape(spec['kwargs'])} does not match the pretrained MAE "
+                         f"{shape(pre)}; align pretrain.model and train.model")
+    return folder.weights_path
 
 
 def load_pretrained_mae(folder: Path) -> tuple[AudioMAEViT, BandNorm | None]:

@@ -13,7 +13,6 @@ epoch's weights exported with an EnhancerInfo; the classify settings are not rea
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -32,12 +31,13 @@ from pipeline.config import Section, load_section, load_task
 from pipeline.contracts import EnhancerInfo, FeaturesFolder, ModelFolder, ModelInfo, PretrainFolder
 from pipeline.features import BandNorm
 from pipeline.io import atomic_dir, file_digest, write_csv, write_json
-from pipeline.models.inference import embeddings, load_weights
+from pipeline.models.inference import embeddings, load_weights, pretrained_weights
 from pipeline.models.networks import ModelParams, backbone_of, build_network, make_spec, make_unet_spec
 from pipeline.training.config import AugmentParams, EnhanceParams, SpecAugmentParams, TrainerParams
 from pipeline.training.data import FeatureDataModule, LabelCoder
 from pipeline.training.enhance import enhance_rows, fit_enhancer
-from pipeline.training.kfold import fingerprint, fit_fold, is_main_process, prepare_workdir, read_history, seed_all
+from pipeline.training.kfold import (fingerprint, fit_fold, is_main_process, prepare_workdir, read_history, seed_all,
+                                     summarize)
 from pipeline.training.losses import LOSS_ALIASES, TripletLoss, build_loss
 from pipeline.training.modules import ClassifierModule, TripletModule
 
@@ -125,23 +125,6 @@ def centroids(module, features: np.ndarray, train: pd.DataFrame, coder: LabelCod
     emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
     targets = coder.encode(train["label"])
     return {"centroids": np.stack([emb[targets == t].mean(axis=0) for t in range(len(coder.order))])}
-
-
-def pretrained_weights(pretrained_dir: Path, spec: dict) -> Path:
-    """The pretrain stage's encoder weights, after checking they fit the configured MAE."""
-    if spec["arch"] != "mae":
-        raise ValueError("train.init_from_pretrain needs train.model.arch: mae")
-    folder = PretrainFolder(pretrained_dir)
-    pre = folder.info().spec["kwargs"]
-
-    def shape(kwargs: dict) -> dict:  # mask_ratio may differ: it does not change the weights
-        # through JSON, as the pretrain stage stored it: a (16, 16) patch equals its [16, 16]
-        return json.loads(json.dumps({k: v for k, v in kwargs.items() if k != "mask_ratio"}))
-
-    if shape(pre) != shape(spec["kwargs"]):
-        raise ValueError(f"train.model {shape(spec['kwargs'])} does not match the pretrained MAE "
-                         f"{shape(pre)}; align pretrain.model and train.model")
-    return folder.weights_path
 
 
 def train_one(name: str, fold: int | None, index: pd.DataFrame, ignored: set[str], p: TrainParams, spec: dict,
@@ -272,21 +255,6 @@ def run_enhance(raw_dir: Path, features_dir: Path, p: TrainParams, work: Path, m
         if not history.empty:
             metrics = [m for m in ("train/loss", "val/loss", e.trainer.monitor) if m in history]
             stage.log_figure(plots.learning_curves(history, list(dict.fromkeys(metrics))), "plots/learning_curves.png")
-    return summary
-
-
-def summarize(results: list[dict], p: TrainerParams) -> dict:
-    """Mean ± std of every fold metric, and the final fold by the selection rule."""
-    frame = pd.DataFrame([r["metrics"] for r in results])
-    summary: dict = {"folds": len(results), "resumed_folds": sum(r["resumed"] for r in results),
-                     "skipped_folds": sum(r["skipped"] for r in results)}
-    for column in frame:
-        summary[f"cv/{column}_mean"] = float(frame[column].mean())
-        summary[f"cv/{column}_std"] = float(frame[column].std(ddof=0))
-    scores = [(r["score"] if r["score"] is not None else np.nan) for r in results]
-    pick = np.nanargmin if p.monitor_mode == "min" else np.nanargmax
-    summary["final_fold"] = results[int(pick(scores))]["fold"] if not np.all(np.isnan(scores)) else results[0]["fold"]
-    summary["per_fold"] = {r["fold"]: r["metrics"] for r in results}
     return summary
 
 

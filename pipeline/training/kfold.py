@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pandas as pd
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
 from safetensors.torch import save_file
@@ -172,3 +173,18 @@ def fit_fold(name: str, module: L.LightningModule, datamodule: L.LightningDataMo
                   str(fold_dir / "model.safetensors"))
         write_json(result_file, result)  # written last: its presence marks the fold complete
     return {**result, "skipped": False}
+
+
+def summarize(results: list[dict], p: TrainerParams) -> dict:
+    """Mean ± std of every fold metric, and the final fold by the selection rule."""
+    frame = pd.DataFrame([r["metrics"] for r in results])
+    summary: dict = {"folds": len(results), "resumed_folds": sum(r["resumed"] for r in results),
+                     "skipped_folds": sum(r["skipped"] for r in results)}
+    for column in frame:
+        summary[f"cv/{column}_mean"] = float(frame[column].mean())
+        summary[f"cv/{column}_std"] = float(frame[column].std(ddof=0))
+    scores = [(r["score"] if r["score"] is not None else np.nan) for r in results]
+    pick = np.nanargmin if p.monitor_mode == "min" else np.nanargmax
+    summary["final_fold"] = results[int(pick(scores))]["fold"] if not np.all(np.isnan(scores)) else results[0]["fold"]
+    summary["per_fold"] = {r["fold"]: r["metrics"] for r in results}
+    return summary

@@ -33,6 +33,7 @@ from pipeline import tracking
 from pipeline.stages import evaluate, pretrain, train
 from pipeline.models.networks import ModelParams
 from pipeline.training.data import LabelCoder
+from pipeline.models.inference import pretrained_weights
 from pipeline.models.networks import backbone_of, build_network, make_spec
 
 from tests.conftest import SYNTH_CLASSES as CLASSES
@@ -278,7 +279,7 @@ def test_init_from_pretrain_loads_the_encoder(stages: Paths) -> None:
     coder = LabelCoder(CLASSES, "good")
     p = train.TrainParams(model=ModelParams(arch="mae", patch_size=8, mask_ratio=0.5), init_from_pretrain=True)
     spec = make_spec(p.model, N_MELS, FRAMES, "classifier", coder.num_outputs)
-    weights = train.pretrained_weights(stages.pretrain_model, spec)  # mask_ratio may differ
+    weights = pretrained_weights(stages.pretrain_model, spec)  # mask_ratio may differ
     index = pd.read_parquet(stages.features / "index.parquet")
     module = train.make_module(p, spec, coder, index[index["split"] == "train"], weights)
     loaded = backbone_of(module.network).state_dict()
@@ -286,7 +287,7 @@ def test_init_from_pretrain_loads_the_encoder(stages: Paths) -> None:
         assert torch.equal(loaded[key], value), key
     other = make_spec(ModelParams(arch="mae", patch_size=16), N_MELS, FRAMES, "classifier", 1)
     with pytest.raises(ValueError, match="does not match the pretrained MAE"):
-        train.pretrained_weights(stages.pretrain_model, other)
+        pretrained_weights(stages.pretrain_model, other)
 
 
 # --- a real MLflow server --------------------------------------------------------------------

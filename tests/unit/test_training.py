@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from pipeline.stages.train import TrainParams, TripletParams, fold_rows, make_module, summarize
+from pipeline.stages.train import TrainParams, TripletParams, fold_rows, make_module
+from pipeline.training.kfold import summarize
 from pipeline.models.networks import ModelParams
 from pipeline.training.config import TrainerParams
 from pipeline.training.data import EpochSampler, FeatureDataModule, FeatureDataset, LabelCoder, balanced_weights
