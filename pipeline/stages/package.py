@@ -8,6 +8,9 @@ as labels, runs ``bentoml build`` on ``serving/bentofile.yaml`` with SOUNDLINE_M
 that model, and exports the Bento to one file (``models/bento/soundline.bento``), so that
 ``dvc push`` / ``dvc pull`` share what is served. ``make serve`` imports that file into the
 local store (BENTOML_HOME, default ~/bentoml) when it is missing there.
+
+A champion of task enhance (its model.json an ``EnhancerInfo``) is stored the same way; the
+BentoML model's metadata then says ``task: enhance`` and the service serves ``/enhance``.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import Section, load_section
-from pipeline.contracts import MODEL_ARTIFACT, FeaturesFolder, ModelFolder, ModelInfo
+from pipeline.contracts import MODEL_ARTIFACT, EnhancerInfo, FeaturesFolder, ModelFolder, ModelInfo
 from pipeline.io import write_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,9 +37,16 @@ class PackageParams(Section):
     bentofile: str = "serving/bentofile.yaml"
 
 
-def check_task(info: ModelInfo, features: FeaturesFolder, name: str, version: str) -> None:
-    """Refuse a model whose classes or feature parameters are not those of the current features."""
-    mine, current = info.signature(), features.meta().signature()
+def folder_info(folder: Path) -> ModelInfo | EnhancerInfo:
+    """The model.json of an exported classifier or enhancer (its ``task`` says which)."""
+    model = ModelFolder(folder)
+    return model.enhancer_info() if model.task() == "enhance" else model.info()
+
+
+def check_task(info: ModelInfo | EnhancerInfo, features: FeaturesFolder, name: str, version: str) -> None:
+    """Refuse a model whose task, classes or feature parameters are not those of the current features."""
+    meta = features.enhance_meta() if features.task() == "enhance" else features.meta()
+    mine, current = info.signature(), meta.signature()
     if mine != current:
         differs = ", ".join(k for k in mine | current if mine.get(k) != current.get(k))
         raise ValueError(f"{name} v{version} differs from {features.meta_path} in {differs}: "
@@ -48,7 +58,7 @@ def import_model(folder: Path, p: PackageParams, labels: dict[str, str]) -> str:
     """Copy the exported model files into a new BentoML model; return its tag."""
     import bentoml
 
-    info = ModelFolder(folder).info().model_dump(mode="json")
+    info = folder_info(folder).model_dump(mode="json")
     # BentoML metadata values must be simple; nested structures are kept as JSON text.
     metadata = {k: v if isinstance(v, str | int | float | bool) else json.dumps(v) for k, v in info.items()}
     with bentoml.models.create(p.bento_model_name, labels=labels, metadata=metadata) as model:
@@ -95,7 +105,7 @@ def run(decision_file: Path, features_dir: Path, p: PackageParams, bento_out: Pa
         model = ModelFolder(folder)
         if not model.weights_path.exists():
             raise FileNotFoundError(f"run {run_id}: artifact {MODEL_ARTIFACT}/ lacks {model.weights_path.name}")
-        check_task(model.info(), FeaturesFolder(features_dir), name, version)
+        check_task(folder_info(folder), FeaturesFolder(features_dir), name, version)
         labels = {"mlflow_model": name, "mlflow_version": version, "mlflow_run": run_id, "alias": alias}
         model_tag = import_model(folder, p, labels)
     bento_tag = build_bento(p.bentofile, model_tag)
