@@ -47,6 +47,18 @@ class Busy(ClientError):
     status = 503  # not the client's mistake: shed load, retry later
 
 
+class WrongTask(ClientError):
+    status = 409  # the route exists, the loaded model answers another task's question
+
+
+ROUTES = {"classify": "/classify, /classify_batch, /group_verdict, /features, /embed, /raw/classify",
+          "enhance": "/enhance, /enhance_batch, /raw/enhance"}
+
+
+def wrong_task(served: str, asked: str) -> str:
+    return f"this service serves a model of task {served}, not {asked}: use {ROUTES[served]}"
+
+
 def too_large(size: int, limit: int) -> str:
     return f"upload of {size} bytes exceeds the limit of {limit / 2**20:g} MB ({limit} bytes)"
 

@@ -72,3 +72,14 @@ class Embedding(Served):
 class Features(Served):
     features: list[list[float]]  # (n_mels, frames)
     shape: list[int]
+
+
+class EnhancedFile(BaseModel):
+    file: str
+    sample_rate: int  # the input's own rate, kept
+    duration_s: float
+    wav_base64: str  # the enhanced recording: a mono PCM_16 WAV file, base64 (RFC 4648)
+
+
+class EnhancedBatch(Served):
+    files: list[EnhancedFile]  # in the order of the uploads

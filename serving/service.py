@@ -5,6 +5,10 @@ FeatureParams), scoring (pipeline.models.inference.ExportedModel, safetensors, n
 the group vote (pipeline.stats.group_vote) are the pipeline's functions, so the service scores a
 file exactly as the evaluate stage does.
 
+A model of task enhance (a speech enhancer) is served by ``serving.enhance`` instead: POST
+/enhance, /enhance_batch and /raw/enhance; the classify routes then answer 409 naming the task,
+as /enhance does for a classifier.
+
 Every classification (classify, classify_batch, group_verdict, and POST /raw/classify, which
 takes the audio file as the request body) goes through one adaptive batcher: one call computes
 the features and scores the batch. Decoding, features and the network run in worker threads,
@@ -23,7 +27,6 @@ import asyncio
 import gc
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import bentoml
@@ -41,12 +44,15 @@ from pipeline import audio
 from pipeline.config import load_section
 from pipeline.contracts import ModelFolder
 from pipeline.features import FeatureParams, log_mel_batch
+from pipeline.models.enhancer import ExportedEnhancer
 from pipeline.models.inference import ExportedModel, fastest_batch_size
 from pipeline.scoring import Upload, answer, prepare, score_clips
 from pipeline.stats import group_vote
 from serving.batching import Batcher, Overloaded
+from serving.enhance import Enhancing
 from serving.guards import BadRequest, Busy, ClientError, RequestGuard, TooLarge, client_errors, too_large
 from serving.schemas import Embedding, Features, Prediction, Predictions, SegmentScore, ServeParams, Verdict
+from serving.uploads import read_body, upload_name
 
 
 def params_file() -> Path:
@@ -65,25 +71,20 @@ def model_tag() -> str:
     return "soundline:latest"
 
 
-def upload_name(path: Path) -> str:
-    """The client's file name of an upload that BentoML saved as a temporary file.
-
-    BentoML (pinned 1.4.39; no public API gives the name) keeps it as the suffix of
-    ``tempfile.NamedTemporaryFile``: "tmp" + 8 random characters + name.
-    """
-    prefix = tempfile.gettempprefix()
-    name = path.name
-    return (name[len(prefix) + 8:] or "upload") if name.startswith(prefix) and len(name) >= len(prefix) + 8 else name
-
-
 @client_errors
 async def _classify_raw(request: Request) -> Response:
     return await bentoml.get_current_service().classify_raw(request)
 
 
-# POST /raw/classify: a plain Starlette route beside the BentoML APIs; a FastAPI app (BentoML's
-# class-view way) costs noticeably more CPU per request.
-raw_app = Starlette(routes=[Route("/classify", _classify_raw, methods=["POST"])])
+@client_errors
+async def _enhance_raw(request: Request) -> Response:
+    return await bentoml.get_current_service().enhance_raw(request)
+
+
+# POST /raw/classify and /raw/enhance: plain Starlette routes beside the BentoML APIs; a FastAPI
+# app (BentoML's class-view way) costs noticeably more CPU per request.
+raw_app = Starlette(routes=[Route("/classify", _classify_raw, methods=["POST"]),
+                            Route("/enhance", _enhance_raw, methods=["POST"])])
 # BentoML reads a service's process-level configuration (workers, tracing, access log) when the
 # class is defined, so these three settings are read at import; everything else in __init__.
 _PROCESS = load_section("serve", ServeParams, params_file())
@@ -94,7 +95,7 @@ _PROCESS = load_section("serve", ServeParams, params_file())
                           "excluded_urls": [] if _PROCESS.tracing_sample_rate else [".*"]},
                  logging={"access": {"enabled": _PROCESS.access_log}})
 @bentoml.asgi_app(raw_app, path="/raw")
-class Soundline:
+class Soundline(Enhancing):
     model_ref = bentoml.models.BentoModel(model_tag())
 
     def __init__(self) -> None:
@@ -102,23 +103,30 @@ class Soundline:
         self.max_upload_bytes = int(self.settings.max_upload_mb * 2**20)
         ref = self.model_ref  # at serve time BentoML hands the instance the stored model itself
         stored = ref.resolve() if isinstance(ref, bentoml.models.BentoModel) else ref
-        self.model = ExportedModel.load(Path(stored.path), device=self.settings.device)
-        self.profile = ModelFolder(Path(stored.path)).profile()  # None: a model exported without one
-        self.features_params: FeatureParams = self.model.info.features
         labels = stored.info.labels
         self.model_info = {"model": labels.get("mlflow_model", stored.tag.name),
                            "version": labels.get("mlflow_version"), "alias": labels.get("alias"),
                            "bento_model": str(stored.tag)}
         torch.set_num_threads(self.settings.torch_threads)
+        self.task = ModelFolder(Path(stored.path)).task()
+        if self.task == "enhance":
+            self.enhancer = ExportedEnhancer.load(Path(stored.path), device=self.settings.device)
+        else:
+            self._load_classifier(Path(stored.path))
+        # The imports leave ~10^6 long-lived objects; freezing them keeps full collections from
+        # rescanning them (a stall of every request in flight).
+        gc.collect()
+        gc.freeze()
+
+    def _load_classifier(self, path: Path) -> None:
+        self.model = ExportedModel.load(path, device=self.settings.device)
+        self.profile = ModelFolder(path).profile()  # None: a model exported without one
+        self.features_params: FeatureParams = self.model.info.features
         # Clips per forward within one batcher call: timed, not guessed. Fewer distinct batch
         # shapes also keep oneDNN's per-shape kernel cache (and so the RSS) small.
         self.chunk = fastest_batch_size(lambda waves: score_clips(self.model, waves, len(waves)),
                                         self.features_params.clip_samples, self.settings.max_batch_size)
         logging.getLogger("bentoml.soundline").info("model forward in chunks of %d clips", self.chunk)
-        # The imports leave ~10^6 long-lived objects; freezing them keeps full collections from
-        # rescanning them (a stall of every request in flight).
-        gc.collect()
-        gc.freeze()
         # Created here, not at import: BentoML sets up multiprocess Prometheus before __init__.
         self.batch_sizes = prometheus_client.Histogram(
             "soundline_model_batch_size", "Clips per model call (adaptive batching)",
@@ -140,6 +148,7 @@ class Soundline:
             raise ClientError(err.problem, err.source) from err
 
     async def _uploads(self, files: list[Path], names: list[str]) -> list[Upload]:
+        self._serves("classify")
         if not files:
             raise BadRequest("no files uploaded")
         return list(await asyncio.gather(*(asyncio.to_thread(lambda f, n: self._upload(f.read_bytes(), n), f, n)
@@ -196,13 +205,10 @@ class Soundline:
         The same prediction as /classify, without the form parsing, temporary file and
         BentoML's input/output models.
         """
+        self._serves("classify")
         name = request.query_params.get("name") or "upload"
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_upload_bytes:  # chunked uploads carry no Content-Length
-                raise TooLarge(too_large(len(body), self.max_upload_bytes))
-        upload = await asyncio.to_thread(self._upload, bytes(body), name)
+        body = await read_body(request, self.max_upload_bytes)
+        upload = await asyncio.to_thread(self._upload, body, name)
         scores = await self._scores(upload.clips)
         return Response(self._prediction(upload, scores).model_dump_json(exclude_none=True), media_type="application/json")
 
