@@ -243,6 +243,16 @@ def test_bad_input_is_rejected_with_its_problem_and_service_survives(served: dic
     _assert_ok(_post(served, served["recordings"][0].read_bytes()), served)
 
 
+@pytest.mark.parametrize(("route", "field"), [("/enhance", "audio"), ("/enhance_batch", "audios"),
+                                             ("/raw/enhance", None)])
+def test_enhance_routes_of_a_classifier_are_409s_naming_the_task(served: dict, route: str, field: str | None) -> None:
+    data = served["recordings"][0].read_bytes()
+    client = served["client"]
+    resp = client.post(route, content=data) if field is None else client.post(route, files={field: ("a.wav", data)})
+    assert resp.status_code == 409, resp.text
+    assert "task classify, not enhance" in resp.json()["error"] and "/classify" in resp.json()["error"]
+
+
 def test_missing_field_is_a_400_not_a_500(served: dict) -> None:
     resp = served["client"].post("/classify", content=b"", headers={"content-type": "multipart/form-data; boundary=x"})
     assert resp.status_code == 400
