@@ -145,7 +145,8 @@ def run_enhance(raw_dir: Path, features_dir: Path, model_dir: Path, p: EvaluateP
         stem = Path(row.path).stem
         for kind, rel in (("clean", row.pair), ("noisy", row.path)):
             audio.write_wav(samples / f"{stem}_{kind}.wav", audio.load(raw_dir / rel, rate, name=rel), rate)
-        audio.write_wav(samples / f"{stem}_enhanced.wav", waves[row.path], rate)
+        # clipped as the service sends it: PCM_16 holds [-1, 1] and libsndfile would wrap, not clip
+        audio.write_wav(samples / f"{stem}_enhanced.wav", np.clip(waves[row.path], -1.0, 1.0), rate)
     with tracking.stage_run("evaluate", p) as stage:
         tracking.write_run_id(out["run_id"], stage)
         stage.log_metrics({**{m: report["model"][m]["mean"] for m in enhancement.METRICS},
