@@ -17,7 +17,7 @@ import soundfile as sf
 
 from pipeline import audio
 from pipeline.contracts import FeaturesFolder, ModelFolder
-from pipeline.data import enhance_corpus
+from pipeline.data import enhance_corpus, ingest
 from pipeline.enhancement import METRICS, REFERENCE
 from pipeline.models.enhancer import ExportedEnhancer
 from pipeline.stages import validate_raw
@@ -125,3 +125,32 @@ def test_enhance_task_through_dvc_repro(enhance_raw: Path, tmp_path: Path, child
     assert np.abs(saved - np.clip(expected, -1, 1)).max() <= 1.5 / 32768
 
     assert "up to date" in sh(["dvc", "status"], repo, env)
+
+
+PAIR_PATTERN = r"noisy/(?P<group>spk\d+)/(?P<utt>u\d+)_(?P<noise>[a-z]+)_(?P<snr_db>-?\d+)\.wav"
+
+
+def test_ingest_pairs_by_pattern_and_by_csv(enhance_raw: Path, tmp_path: Path) -> None:
+    expected = pd.read_csv(enhance_raw / "metadata.csv", dtype=str).sort_values("path", ignore_index=True)
+    found = ingest.scan_pairs(enhance_raw, PAIR_PATTERN, "clean/{group}/{utt}.wav")
+    assert found.attrs["skipped"] == sorted(expected["pair"].unique())  # the clean files match no noisy pattern
+    pd.testing.assert_frame_equal(found[["path", "group", "pair", "noise", "snr_db"]],
+                                  expected[["path", "group", "pair", "noise", "snr_db"]])
+    ingest.ingest(enhance_raw, found, tmp_path / "raw")
+    copied = sorted(p.relative_to(tmp_path / "raw").as_posix() for p in (tmp_path / "raw").rglob("*.wav"))
+    assert copied == sorted([*expected["path"], *expected["pair"].unique()])
+
+    listing = expected.rename(columns={"path": "noisy", "pair": "clean"})[["noisy", "clean", "group", "snr_db"]]
+    listing.to_csv(tmp_path / "pairs.csv", index=False)
+    from_csv = ingest.read_pairs(enhance_raw, tmp_path / "pairs.csv")
+    assert from_csv[["path", "pair", "group"]].equals(expected[["path", "pair", "group"]])
+
+
+def test_ingest_pairs_names_a_missing_clean_file(enhance_raw: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"clean/spk00/u00\.flac"):
+        ingest.scan_pairs(enhance_raw, PAIR_PATTERN, "clean/{group}/{utt}.flac")
+    with pytest.raises(ValueError, match="does not define"):
+        ingest.scan_pairs(enhance_raw, PAIR_PATTERN, "clean/{speaker}/{utt}.wav")
+    (tmp_path / "bad.csv").write_text("noisy,clean\na.wav,b.wav\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['group'\]"):
+        ingest.read_pairs(enhance_raw, tmp_path / "bad.csv")
