@@ -52,23 +52,35 @@ serve: install
 # Four variants side by side (dvc exp run --queue), then the paired comparison table.
 # SEEDS=N runs each variant with train/pretrain seeds 0..N-1 (experiments <variant>-s<seed>); the
 # table then shows the seed-to-seed spread beside the variant differences.
+# TASK=enhance compares four MaskUNet variants (SI-SNRi, PESQ, STOI per test utterance, beside
+# the spectral-gating reference) on the enhancement corpus instead; TASK unset means classify.
 # Queued experiments run in temporary workspaces: MLflow must be an absolute URI.
 compare: export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 LABEL_FRACTION ?= 1.0
 SEEDS ?= 1
-COMPARE_SET ?= -S train.label_fraction=$(LABEL_FRACTION)
-VARIANTS = cnn cnn-focal mae-scratch mae-pretrained
+COMPARE_TASK = $(or $(TASK),classify)
+COMPARE_SET_classify = -S train.label_fraction=$(LABEL_FRACTION)
+COMPARE_SET ?= -S task=$(COMPARE_TASK) $(COMPARE_SET_$(COMPARE_TASK))
+VARIANTS_classify = cnn cnn-focal mae-scratch mae-pretrained
 SET_cnn = -S train.model.arch=cnn
 # the focal loss takes no label smoothing (the default recipe's weighted_ce does)
 SET_cnn-focal = -S train.model.arch=cnn -S train.loss=focal -S train.label_smoothing=0
 SET_mae-scratch = -S train.model.arch=mae -S train.init_from_pretrain=false
 SET_mae-pretrained = -S train.model.arch=mae -S train.init_from_pretrain=true
+# the default recipe, twice the channels, a log-spectral term in the loss, a clamp(0, 1) mask for the sigmoid
+VARIANTS_enhance = unet unet-wide unet-spectral unet-relu
+SET_unet =
+SET_unet-wide = -S train.enhance.model.channels=16
+SET_unet-spectral = -S train.enhance.spectral_weight=0.1
+SET_unet-relu = -S train.enhance.model.mask=bounded_relu
+VARIANTS = $(VARIANTS_$(COMPARE_TASK))
 queue = dvc exp run --queue -n $(1) $(COMPARE_SET) $(2) &&
 compare: corpus
+	@test -n "$(VARIANTS)" || { echo "error: TASK must be classify or enhance, got '$(TASK)'"; exit 1; }
 	@test "$(SEEDS)" -ge 1 2>/dev/null || { echo "error: SEEDS must be a whole number >= 1, got '$(SEEDS)'"; exit 1; }
 	$(foreach v,$(VARIANTS),$(if $(filter 1,$(SEEDS)),$(call queue,$(v),$(SET_$(v))),$(foreach s,$(shell seq 0 $$(($(SEEDS) - 1))),$(call queue,$(v)-s$(s),-S train.seed=$(s) -S pretrain.seed=$(s) $(SET_$(v)))))) true
 	dvc exp run --run-all -j 1
-	python -m pipeline.compare --experiments $(VARIANTS) --seeds $(SEEDS)
+	python -m pipeline.compare --task $(COMPARE_TASK) --experiments $(VARIANTS) --seeds $(SEEDS)
 
 test: install espeak
 	python -m pytest -n 2 $(PYTEST_ARGS)

@@ -9,12 +9,16 @@ With ``--seeds N`` each variant ran N times, as experiments ``<variant>-s0`` .. 
 (``make compare SEEDS=N``): the tests pair the variants' scores of the same file under the same
 seed, pooled over the seeds, and the tables show the seed-to-seed spread (standard deviation
 over seeds of each variant's metric, and of each pair's mean difference) beside the effect.
+
+Task enhance (``--task enhance``, or params.yaml's ``task``) compares per-utterance SI-SNRi,
+PESQ and STOI instead, with the spectral-gating reference as one more row: pipeline.compare_enhance.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline import tracking  # noqa: E402
+from pipeline.config import DEFAULT_PARAMS, TASKS, ParamsError, load_task  # noqa: E402
 from pipeline.io import atomic_dir  # noqa: E402
 from pipeline.stats import wilcoxon_pairs  # noqa: E402
 
@@ -94,8 +99,10 @@ def plot(table: pd.DataFrame, metric: str) -> plt.Figure:
     return fig
 
 
-def compare(experiments: list[str] | None, metrics: list[str], level: str, alpha: float,
-            seeds: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+def evaluate_runs(experiments: list[str] | None, seeds: int,
+                  keep: Callable[[dict[str, float]], bool]) -> tuple[list[dict], dict[str, tuple[str, int]]]:
+    """The newest evaluate run of each experiment and its (variant, seed). Without named
+    experiments, every experiment whose run's metrics pass ``keep`` (the task's own runs)."""
     if seeds > 1 and not experiments:
         raise ValueError("--seeds needs the variants named with --experiments")
     names = run_names(experiments, seeds) if experiments else None
@@ -104,14 +111,31 @@ def compare(experiments: list[str] | None, metrics: list[str], level: str, alpha
     if missing:
         raise ValueError(f"no finished evaluate run in MLflow for experiment(s) {missing}; if the queue "
                          f"failed them, `dvc queue status` and `dvc queue logs {missing[0]}` say why")
-    names = names or {r["dvc_experiment"]: (r["dvc_experiment"], 0) for r in runs}
+    if names is None:
+        runs = [r for r in runs if keep(r["metrics"])]
+        names = {r["dvc_experiment"]: (r["dvc_experiment"], 0) for r in runs}
     if len({v for v, _ in names.values()}) < 2:
         raise ValueError(f"need at least 2 variants to compare, found {len(set(v for v, _ in names.values()))}")
+    return runs, names
+
+
+def is_enhance_run(metrics: dict[str, float]) -> bool:
+    """An evaluate run of task enhance (it logs ``si_snr``; a classify run never does)."""
+    return "si_snr" in metrics
+
+
+def compare(experiments: list[str] | None, metrics: list[str], level: str, alpha: float,
+            seeds: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    runs, names = evaluate_runs(experiments, seeds, keep=lambda m: not is_enhance_run(m))
     scores = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
             path = tracking.download_artifact(run["run_id"], "predictions.csv", Path(tmp) / run["run_id"])
-            scores[run["dvc_experiment"]] = true_class_scores(pd.read_csv(path), level)
+            table = pd.read_csv(path)
+            if "kept" not in table:
+                raise ValueError(f"experiment '{run['dvc_experiment']}' logged no classifier predictions "
+                                 "(no 'kept' column): is it a task enhance run? use --task enhance")
+            scores[run["dvc_experiment"]] = true_class_scores(table, level)
     pooled = pooled_scores(scores, names)
     shared = sorted(set.intersection(*(set(s.index) for s in pooled.values())))
     if not shared:
@@ -127,17 +151,35 @@ def compare(experiments: list[str] | None, metrics: list[str], level: str, alpha
     return table, pairs
 
 
+def default_task() -> str:
+    """params.yaml's task; classify outside a checkout (compare reads MLflow, not the workspace)."""
+    return load_task(DEFAULT_PARAMS) if DEFAULT_PARAMS.exists() else "classify"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=TASKS, help="classify or enhance (default: params.yaml's task)")
     parser.add_argument("--experiments", nargs="*", help="DVC experiment names, or variants with --seeds (default: all found)")
     parser.add_argument("--seeds", type=int, default=1, help="runs per variant, named <variant>-s<seed>")
-    parser.add_argument("--metrics", nargs="+", default=["accuracy", "balanced_accuracy", "f1_macro"])
-    parser.add_argument("--level", choices=["files", "groups"], default="files")
+    parser.add_argument("--metrics", nargs="+", help="classify default: accuracy balanced_accuracy f1_macro; "
+                                                     "enhance: si_snr_i pesq stoi (or si_snr)")
+    parser.add_argument("--level", choices=["files", "groups"], default="files",
+                        help="per file (utterance), or per group (speaker) means")
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--out", type=Path, default=Path("reports/compare"))
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
+    try:
+        task = args.task or default_task()
+    except ParamsError as err:
+        sys.exit(f"compare: {err}")
+    if task == "enhance":
+        from pipeline import compare_enhance  # imported here: it builds on this module's helpers
+
+        compare_enhance.main(args, parser)
+        return
+    args.metrics = args.metrics or ["accuracy", "balanced_accuracy", "f1_macro"]
     try:
         table, pairs = compare(args.experiments or None, args.metrics, args.level, args.alpha, args.seeds)
     except (ValueError, FileNotFoundError, tracking.TrackingUnavailable) as err:

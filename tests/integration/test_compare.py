@@ -1,7 +1,7 @@
 """pipeline.compare: variants from MLflow, paired Wilcoxon tests, and `make compare` end to end.
 
 (a) Fake evaluate runs (one per DVC experiment) in a SQLite MLflow in tmp_path, each with its
-    metrics and a hand-made predictions.csv; (b) `make compare` in a tmp git+DVC copy of the
+    metrics and a hand-made predictions.csv (classify, and one case of task enhance); (b) `make compare` in a tmp git+DVC copy of the
     repo on the reduced default corpus (queued DVC experiments, slow).
 """
 from __future__ import annotations
@@ -216,6 +216,48 @@ def test_artifacts_outlive_the_stage_working_directory(tmp_path: Path, monkeypat
     shutil.rmtree(workspace)
     path = tracking.download_artifact(run.run_id, "predictions.csv", tmp_path / "download")
     assert len(pd.read_csv(path)) == N_FILES
+
+
+def test_enhance_runs_are_downloaded_and_compared_with_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Task enhance: three evaluate runs with per-utterance predictions.csv, and one classify run in
+    the same MLflow experiment, which compare leaves out when no experiment is named."""
+    from tests.unit.test_compare_enhance import enhance_predictions, variant_gains
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "compare-enhance")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("task: enhance\n")  # the task compare reads without --task
+    gains = variant_gains()
+    logged = [("cnn", predictions(variant_scores()["weak"]), {"test/files/accuracy": 0.7}),
+              *((name, enhance_predictions(g), {"si_snr": 8.0, "si_snr_i": float(g.mean())}) for name, g in gains.items())]
+    for name, table, metrics in logged:
+        (tmp_path / name).mkdir()
+        table.to_csv(tmp_path / name / "predictions.csv", index=False)
+        with tracking.stage_run("evaluate", {}, tags={tracking.TAG_DVC_EXPERIMENT: name}) as run:
+            run.log_metrics(metrics)
+            run.log_artifact(tmp_path / name / "predictions.csv")
+
+    out = tmp_path / "compared"
+    compare.main(["--out", str(out)])
+    for name in ("compare.md", "variants.csv", "pairs.csv", "compare.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    variants = pd.read_csv(out / "variants.csv")
+    assert sorted(variants["variant"]) == ["spectral_gating", "unet", "unet-twin", "wide"]
+    pairs = pd.read_csv(out / "pairs.csv").set_index(["metric", "a", "b"])
+    assert len(pairs) == 6 * 3
+    assert pairs.loc[("si_snr_i", "unet", "wide"), "p_value"] == pytest.approx(
+        stats.wilcoxon(gains["wide"], gains["unet"]).pvalue)
+    assert bool(pairs.loc[("pesq", "unet", "wide"), "significant"]) is True
+    assert bool(pairs.loc[("pesq", "unet", "unet-twin"), "significant"]) is False
+    printed = capsys.readouterr().out
+    assert "Bonferroni-corrected over 18 tests (6 pairs x 3 metrics)" in printed and "spectral_gating" in printed
+
+    with pytest.raises(SystemExit, match="experiment 'cnn': predictions.csv lacks column"):
+        compare.main(["--task", "enhance", "--experiments", "unet", "cnn", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="is it a task enhance run"):
+        compare.main(["--task", "classify", "--experiments", "cnn", "unet", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 
 # --- (b) `make compare` on the reduced default corpus --------------------------------------------
