@@ -32,14 +32,28 @@ espeak:
 
 # The default corpus is rebuilt byte-identically, so it matches the committed data.dvc.
 # An existing data/raw (your own data, or `dvc pull`) is never overwritten.
+# TASK=enhance: the paired enhancement corpus (8 espeak speakers x 10 sentences, each in 5 noises)
+# instead; data.dvc then tracks it, and a data/raw of the other task is refused, not mixed in.
+TASK ?= classify
+ENHANCE_CORPUS = --speakers 8 --utterances 10
 corpus: install espeak
-	@if [ -d data/raw ]; then echo "data/raw exists: keeping it"; \
+	@case "$(TASK)" in classify|enhance) ;; *) echo "error: TASK must be classify or enhance, got '$(TASK)'"; exit 1;; esac
+	@if [ -d data/raw ]; then \
+	   paired=$$(head -1 data/raw/metadata.csv 2>/dev/null | tr ',' '\n' | grep -cx pair); \
+	   if [ "$(TASK)" = enhance ] && [ "$$paired" = 0 ]; then \
+	     echo "error: data/raw holds recordings without a 'pair' column (a classification corpus); move it away for TASK=enhance"; exit 1; fi; \
+	   if [ "$(TASK)" = classify ] && [ "$$paired" = 1 ]; then \
+	     echo "error: data/raw holds a paired enhancement corpus; move it away (or run with TASK=enhance)"; exit 1; fi; \
+	   echo "data/raw exists: keeping it"; \
+	 elif [ "$(TASK)" = enhance ]; then python -m pipeline.data.enhance_corpus --out data/raw $(ENHANCE_CORPUS); \
 	 else dvc pull -q data.dvc 2>/dev/null || python -m pipeline.data.corpus --out data/raw; fi
 	dvc commit -q -f data.dvc  # into the DVC cache (queued experiments check data out from it)
 	dvc status data.dvc
 
+# TASK=enhance runs the same stages as a DVC experiment with task: enhance (params.yaml in the
+# workspace then says so; `git checkout params.yaml data.dvc` and a fresh data/raw switch back).
 demo: corpus
-	dvc repro
+	@if [ "$(TASK)" = enhance ]; then dvc exp run -S task=enhance; else dvc repro; fi
 
 repro: install
 	dvc repro
