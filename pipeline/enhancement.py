@@ -14,6 +14,7 @@ judged on (clean, noisy, enhanced) triples of the same length at the same rate:
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ import noisereduce
 import numpy as np
 import pandas as pd
 import torch
-from pesq import pesq
+from pesq import PesqError, pesq
 from pystoi import stoi
 
 from pipeline.stats import bootstrap_ci, wilcoxon_pairs
@@ -99,10 +100,26 @@ def pesq_score(reference: Any, degraded: Any, rate: int) -> float:
 
 
 def stoi_score(reference: Any, degraded: Any, rate: int) -> float:
-    """STOI of ``degraded`` against ``reference`` (both (T,) at ``rate`` Hz; pystoi resamples to 10 kHz)."""
+    """STOI of ``degraded`` against ``reference`` (both (T,) at ``rate`` Hz; pystoi resamples to 10 kHz).
+
+    NaN when the reference has too little speech for STOI's 384 ms analysis window (pystoi
+    warns and returns 1e-5 then, which would read as unintelligible).
+    """
     ref, deg = _wave(reference, "reference"), _wave(degraded, "degraded")
     _same_length(reference=ref, degraded=deg)
-    return float(stoi(ref, deg, rate, extended=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score = float(stoi(ref, deg, rate, extended=False))
+    return float("nan") if any("Not enough STFT frames" in str(w.message) for w in caught) else score
+
+
+def _pesq_or_nan(reference: Any, degraded: Any, rate: int) -> float:
+    """PESQ, or NaN for an utterance in which PESQ finds no speech (a per-utterance table keeps
+    the row; the summaries count the scored utterances)."""
+    try:
+        return pesq_score(reference, degraded, rate)
+    except PesqError:
+        return float("nan")
 
 
 def utterance_metrics(clean: Any, noisy: Any, enhanced: Any, rate: int) -> dict[str, float]:
@@ -113,7 +130,7 @@ def utterance_metrics(clean: Any, noisy: Any, enhanced: Any, rate: int) -> dict[
         input each scored against ``clean``, so a report can show what enhancement changed.
     """
     return {"si_snr": si_snr(enhanced, clean), "si_snr_i": si_snr_improvement(enhanced, noisy, clean),
-            "pesq": pesq_score(clean, enhanced, rate), "pesq_noisy": pesq_score(clean, noisy, rate),
+            "pesq": _pesq_or_nan(clean, enhanced, rate), "pesq_noisy": _pesq_or_nan(clean, noisy, rate),
             "stoi": stoi_score(clean, enhanced, rate), "stoi_noisy": stoi_score(clean, noisy, rate)}
 
 
@@ -159,7 +176,11 @@ def score_utterances(rows: pd.DataFrame, load: Callable[[str], np.ndarray], rate
 
 
 def describe(values: np.ndarray, n_resamples: int, seed: int) -> dict[str, Any]:
-    """Mean, std and the 95% percentile-bootstrap CI of the mean of (n,) ``values``."""
+    """Mean, std and the 95% percentile-bootstrap CI of the mean of (n,) ``values``; NaN (an
+    utterance the metric cannot score) left out, ``n`` counts the scored ones."""
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return {"mean": float("nan"), "std": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
     mean, low, high = bootstrap_ci(lambda v, _: float(np.mean(v)), values, values, n_resamples=n_resamples, seed=seed)
     return {"mean": mean, "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
             "ci95": [low, high], "n": int(len(values))}
@@ -172,11 +193,12 @@ def summarise(scores: pd.DataFrame, n_resamples: int, seed: int) -> dict[str, An
         "model": {m: describe(scores[m].to_numpy(), n_resamples, seed) for m in METRICS},
         "baseline": {m: describe(scores[REFERENCE + m].to_numpy(), n_resamples, seed) for m in METRICS},
         "noisy": {m: describe(scores[f"{m}_noisy"].to_numpy(), n_resamples, seed) for m in ("si_snr", "pesq", "stoi")}}
-    out["model_minus_baseline"] = {m: out["model"][m]["mean"] - out["baseline"][m]["mean"] for m in METRICS}
+    out["model_minus_baseline"] = {m: float((scores[m] - scores[REFERENCE + m]).mean()) for m in METRICS}
     tests = {}
     for m in METRICS:
+        both = scores[[m, REFERENCE + m]].dropna()  # an utterance unscored by either is left out
         # sorted names: a = "model", b = "ref", so the test is on ref - model
-        row = wilcoxon_pairs({"model": scores[m].to_numpy(), "ref": scores[REFERENCE + m].to_numpy()}).iloc[0]
+        row = wilcoxon_pairs({"model": both[m].to_numpy(), "ref": both[REFERENCE + m].to_numpy()}).iloc[0]
         tests[m] = {"statistic": float(row["statistic"]), "p_value": float(row["p_value"]), "n": int(row["n"])}
     out["wilcoxon_vs_baseline"] = tests
     return out

@@ -14,10 +14,18 @@ Layout under ``--out``::
     metadata.csv          path,group,pair,snr_db,noise,voice (one row per noisy file)
 
 Every random choice is seeded from the file name, so a rebuild is byte-identical.
+
+``--from DIR --pattern REGEX`` mixes real clean recordings instead (FSDD, Speech Commands from
+``../shared/data``; the pattern names ``(?P<group>...)``, the speaker), resampled to 16 kHz, with
+babble made of the other speakers' real recordings::
+
+    python -m pipeline.data.enhance_corpus --out data/raw --from ../shared/data/fsdd/recordings \\
+        --pattern '\\d_(?P<group>[a-z]+)_\\d+\\.wav' --per-speaker 10
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +36,7 @@ from scipy import signal
 
 from pipeline import audio
 from pipeline.data.corpus import PITCHES, SAMPLE_RATE, VOICES, _rng, speak
+from pipeline.data.ingest import audio_files
 from pipeline.io import atomic_dir
 
 # IEEE Harvard sentences, list 1 (public domain): phonetically balanced, 2-3 s when spoken.
@@ -167,24 +176,51 @@ def build(out: Path, n_speakers: int = 4, n_utterances: int = 5) -> pd.DataFrame
             level = 10 ** (_rng(f"{spk.group}/u{u}/level").uniform(-30.0, -20.0) / 20)
             clean[spk.group, u] = _level(speak(SENTENCES[u], spk.voice, spk.pitch, spk.speed).astype(np.float64),
                                          level)
+    voices = {spk.group: f"{spk.voice}/p{spk.pitch}" for spk in plan}
+    return write_mixtures(out, clean, n_utterances, {key: voices[key[0]] for key in clean})
+
+
+def from_recordings(src: Path, files: pd.DataFrame, out: Path, per_speaker: int = 5) -> pd.DataFrame:
+    """Mixtures of real clean recordings: the first ``per_speaker`` files (by path) of every group in
+    ``files`` (columns path, group; relative to ``src``), resampled to 16 kHz and levelled as the
+    espeak utterances are, each in every noise; the babble is other speakers' real recordings."""
+    if per_speaker < 1:
+        raise ValueError(f"per_speaker must be >= 1, got {per_speaker}")
+    chosen = files.sort_values("path").groupby("group", sort=True).head(per_speaker)
+    short = chosen.groupby("group").size()
+    if (short < per_speaker).any() or chosen["group"].nunique() < 2:
+        raise ValueError(f"need >= 2 groups with {per_speaker} files each; got {short.to_dict()}")
+    clean, source = {}, {}
+    for group, rows in chosen.groupby("group", sort=True):
+        for u, rel in enumerate(rows["path"]):
+            level = 10 ** (_rng(f"{group}/u{u}/level").uniform(-30.0, -20.0) / 20)
+            clean[str(group), u] = _level(audio.load(src / rel, SAMPLE_RATE, name=rel).astype(np.float64), level)
+            source[str(group), u] = rel
+    return write_mixtures(out, clean, per_speaker, source)
+
+
+def write_mixtures(out: Path, clean: dict[tuple[str, int], np.ndarray], n_utterances: int,
+                   voice: dict[tuple[str, int], str]) -> pd.DataFrame:
+    """Mix every clean utterance (speaker, index) with every noise into ``out`` (replaced
+    atomically); ``voice`` fills the metadata column of that name. Returns the metadata."""
     rows = []
     with atomic_dir(out) as tmp:
-        for spk in plan:
-            (tmp / "clean" / spk.group).mkdir(parents=True)
-            (tmp / "noisy" / spk.group).mkdir(parents=True)
+        for group in sorted({g for g, _ in clean}):
+            (tmp / "clean" / group).mkdir(parents=True)
+            (tmp / "noisy" / group).mkdir(parents=True)
             for u in range(n_utterances):
-                pair = f"clean/{spk.group}/u{u:02d}.wav"
-                speech = clean[spk.group, u]
+                pair = f"clean/{group}/u{u:02d}.wav"
+                speech = clean[group, u]
                 snrs = [SNRS[(u + k) % len(SNRS)] for k in range(len(NOISES))]
-                paths = [f"noisy/{spk.group}/u{u:02d}_{kind}_{snr}.wav" for kind, snr in zip(NOISES, snrs)]
-                mixes = [mix(speech, noise(kind, len(speech), path, clean, spk.group, n_utterances), snr)
+                paths = [f"noisy/{group}/u{u:02d}_{kind}_{snr}.wav" for kind, snr in zip(NOISES, snrs)]
+                mixes = [mix(speech, noise(kind, len(speech), path, clean, group, n_utterances), snr)
                          for kind, snr, path in zip(NOISES, snrs, paths)]
                 speech, mixes = peak_safe(speech, mixes)
                 audio.write_wav(tmp / pair, speech.astype(np.float32), SAMPLE_RATE)
                 for kind, snr, path, wave in zip(NOISES, snrs, paths, mixes):
                     audio.write_wav(tmp / path, wave.astype(np.float32), SAMPLE_RATE)
-                    rows.append({"path": path, "group": spk.group, "pair": pair, "snr_db": snr,
-                                 "noise": kind, "voice": f"{spk.voice}/p{spk.pitch}"})
+                    rows.append({"path": path, "group": group, "pair": pair, "snr_db": snr,
+                                 "noise": kind, "voice": voice[group, u]})
         meta = pd.DataFrame(rows)
         meta.to_csv(tmp / "metadata.csv", index=False, lineterminator="\n")
     return meta
@@ -196,10 +232,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speakers", type=int, default=4)
     parser.add_argument("--utterances", type=int, default=5, choices=range(1, len(SENTENCES) + 1),
                         metavar=f"1..{len(SENTENCES)}")
+    parser.add_argument("--from", dest="src", type=Path, help="real clean recordings to mix instead of espeak")
+    parser.add_argument("--pattern", help="with --from: regex over the relative paths naming (?P<group>...)")
+    parser.add_argument("--per-speaker", type=int, default=5, help="with --from: clean files per speaker")
     args = parser.parse_args(argv)
+    if (args.src is None) != (args.pattern is None):
+        parser.error("--from and --pattern go together")
     try:
-        meta = build(args.out, args.speakers, args.utterances)
-    except (RuntimeError, ValueError) as err:
+        if args.src is None:
+            meta = build(args.out, args.speakers, args.utterances)
+        else:
+            regex = re.compile(args.pattern)
+            found = [(rel, m.group("group")) for rel in audio_files(args.src) if (m := regex.fullmatch(rel))]
+            if not found:
+                raise ValueError(f"no audio file under {args.src} matches --pattern {args.pattern!r}")
+            meta = from_recordings(args.src, pd.DataFrame(found, columns=["path", "group"]), args.out,
+                                   args.per_speaker)
+    except (RuntimeError, ValueError, IndexError, re.error, audio.AudioError) as err:
         sys.exit(f"enhance_corpus: {err}")
     print(f"enhance_corpus: wrote {meta['pair'].nunique()} clean and {len(meta)} noisy files by "
           f"{meta['group'].nunique()} speakers to {args.out}")

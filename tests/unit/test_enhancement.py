@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import enhancement
-from pipeline.enhancement import (pesq_score, si_snr, si_snr_improvement, si_snr_torch, spectral_gating,
-                                  stoi_score, utterance_metrics)
+from pipeline.enhancement import (METRICS, REFERENCE, pesq_score, si_snr, si_snr_improvement, si_snr_torch,
+                                  spectral_gating, stoi_score, summarise, utterance_metrics)
 
 RATE = 16000
 
@@ -152,3 +153,23 @@ def test_spectral_gating_improves_speech_in_white_noise() -> None:
     clean = speech_like()
     noisy = in_white_noise(clean, 0.0)
     assert si_snr_improvement(spectral_gating(noisy, RATE), noisy, clean) > 1.0
+
+
+def test_stoi_is_nan_where_the_reference_is_too_short_to_score() -> None:
+    rng = np.random.default_rng(0)
+    short = rng.standard_normal(2000) * 0.1  # 125 ms at 16 kHz: under STOI's 384 ms window
+    assert np.isnan(stoi_score(short, short + 0.01 * rng.standard_normal(2000), 16000))
+
+
+def test_summaries_leave_unscored_utterances_out() -> None:
+    rng = np.random.default_rng(1)
+    n = 12
+    table = pd.DataFrame({m: rng.normal(5, 1, n) for m in METRICS}
+                         | {REFERENCE + m: rng.normal(3, 1, n) for m in METRICS}
+                         | {f"{m}_noisy": rng.normal(2, 1, n) for m in ("si_snr", "pesq", "stoi")})
+    table.loc[[0, 1], "stoi"] = np.nan
+    summary = summarise(table, n_resamples=200, seed=0)
+    assert summary["model"]["stoi"]["n"] == n - 2
+    assert summary["model"]["stoi"]["mean"] == pytest.approx(table["stoi"].iloc[2:].mean())
+    assert summary["wilcoxon_vs_baseline"]["stoi"]["n"] == n - 2
+    assert summary["model"]["pesq"]["n"] == n
