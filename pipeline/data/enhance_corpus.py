@@ -180,22 +180,30 @@ def build(out: Path, n_speakers: int = 4, n_utterances: int = 5) -> pd.DataFrame
     return write_mixtures(out, clean, n_utterances, {key: voices[key[0]] for key in clean})
 
 
-def from_recordings(src: Path, files: pd.DataFrame, out: Path, per_speaker: int = 5) -> pd.DataFrame:
-    """Mixtures of real clean recordings: the first ``per_speaker`` files (by path) of every group in
-    ``files`` (columns path, group; relative to ``src``), resampled to 16 kHz and levelled as the
-    espeak utterances are, each in every noise; the babble is other speakers' real recordings."""
-    if per_speaker < 1:
-        raise ValueError(f"per_speaker must be >= 1, got {per_speaker}")
-    chosen = files.sort_values("path").groupby("group", sort=True).head(per_speaker)
-    short = chosen.groupby("group").size()
-    if (short < per_speaker).any() or chosen["group"].nunique() < 2:
-        raise ValueError(f"need >= 2 groups with {per_speaker} files each; got {short.to_dict()}")
+def from_recordings(src: Path, files: pd.DataFrame, out: Path, per_speaker: int = 5, join: int = 3) -> pd.DataFrame:
+    """Mixtures of real clean recordings. Each clean utterance joins ``join`` consecutive files (by
+    path) of one group with 0.1 s of silence between (short clips such as spoken digits are
+    under STOI's analysis window alone); ``per_speaker`` utterances per group of ``files``
+    (columns path, group; relative to ``src``), resampled to 16 kHz and levelled as the espeak
+    utterances are, each in every noise; the babble is other speakers' real recordings."""
+    if per_speaker < 1 or join < 1:
+        raise ValueError(f"per_speaker and join must be >= 1, got {per_speaker} and {join}")
+    need = per_speaker * join
+    chosen = files.sort_values("path").groupby("group", sort=True).head(need)
+    counts = chosen.groupby("group").size()
+    if (counts < need).any() or len(counts) < 2:
+        raise ValueError(f"need >= 2 groups with {need} files each (per_speaker x join); got {counts.to_dict()}")
+    gap = np.zeros(SAMPLE_RATE // 10)
     clean, source = {}, {}
     for group, rows in chosen.groupby("group", sort=True):
-        for u, rel in enumerate(rows["path"]):
+        paths = rows["path"].tolist()
+        for u in range(per_speaker):
+            parts = paths[u * join:(u + 1) * join]
+            waves = [audio.load(src / rel, SAMPLE_RATE, name=rel).astype(np.float64) for rel in parts]
+            speech = np.concatenate([w for wave in waves for w in (wave, gap)][:-1])
             level = 10 ** (_rng(f"{group}/u{u}/level").uniform(-30.0, -20.0) / 20)
-            clean[str(group), u] = _level(audio.load(src / rel, SAMPLE_RATE, name=rel).astype(np.float64), level)
-            source[str(group), u] = rel
+            clean[str(group), u] = _level(speech, level)
+            source[str(group), u] = "+".join(parts)
     return write_mixtures(out, clean, per_speaker, source)
 
 
@@ -234,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
                         metavar=f"1..{len(SENTENCES)}")
     parser.add_argument("--from", dest="src", type=Path, help="real clean recordings to mix instead of espeak")
     parser.add_argument("--pattern", help="with --from: regex over the relative paths naming (?P<group>...)")
-    parser.add_argument("--per-speaker", type=int, default=5, help="with --from: clean files per speaker")
+    parser.add_argument("--per-speaker", type=int, default=5, help="with --from: clean utterances per speaker")
+    parser.add_argument("--join", type=int, default=3, help="with --from: recordings joined into one utterance")
     args = parser.parse_args(argv)
     if (args.src is None) != (args.pattern is None):
         parser.error("--from and --pattern go together")
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             if not found:
                 raise ValueError(f"no audio file under {args.src} matches --pattern {args.pattern!r}")
             meta = from_recordings(args.src, pd.DataFrame(found, columns=["path", "group"]), args.out,
-                                   args.per_speaker)
+                                   args.per_speaker, args.join)
     except (RuntimeError, ValueError, IndexError, re.error, audio.AudioError) as err:
         sys.exit(f"enhance_corpus: {err}")
     print(f"enhance_corpus: wrote {meta['pair'].nunique()} clean and {len(meta)} noisy files by "

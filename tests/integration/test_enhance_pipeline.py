@@ -158,7 +158,8 @@ def test_ingest_pairs_names_a_missing_clean_file(enhance_raw: Path, tmp_path: Pa
 
 def test_real_fsdd_mixtures_through_the_stages(shared_data: Path, tmp_path: Path, params_file,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Real clean speech (FSDD, 6 speakers) in real-speech babble and the other noises: the
+    """Real clean speech (FSDD, 6 speakers x 2 utterances of 3 joined digits) in real-speech babble
+    and the other noises: the
     stages' own functions validate, split, train (2 epochs), evaluate; the babble holds only
     other speakers' recordings."""
     from pipeline.config import load_section
@@ -168,14 +169,14 @@ def test_real_fsdd_mixtures_through_the_stages(shared_data: Path, tmp_path: Path
     src = shared_data / "fsdd" / "recordings"
     files = pd.DataFrame([(p.name, p.name.split("_")[1]) for p in sorted(src.glob("*.wav"))], columns=["path", "group"])
     raw = tmp_path / "raw"
-    meta = enhance_corpus.from_recordings(src, files, raw, per_speaker=3)
-    assert meta["group"].nunique() == 6 and len(meta) == 6 * 3 * len(enhance_corpus.NOISES)
+    meta = enhance_corpus.from_recordings(src, files, raw, per_speaker=2)
+    assert meta["group"].nunique() == 6 and len(meta) == 6 * 2 * len(enhance_corpus.NOISES)
     babble = meta[meta["noise"] == "babble"]
     for row in babble.itertuples():
-        sources = enhance_corpus.babble_sources(row.group, sorted(meta["group"].unique()), 3, row.path)
+        sources = enhance_corpus.babble_sources(row.group, sorted(meta["group"].unique()), 2, row.path)
         assert row.group not in {g for g, _ in sources}
 
-    params = params_file({**ENHANCE_PARAMS, "validate_features": {"min_clips_per_fold_class": 3}})
+    params = params_file({**ENHANCE_PARAMS, "validate_features": {"min_clips_per_fold_class": 2}})
     report = validate_raw.run(raw, load_section("validate_raw", validate_raw.RawParams, params),
                               tmp_path / "manifest.parquet", tmp_path / "raw.json", tmp_path / "gx", task="enhance")
     assert report.success, report.summary()
@@ -194,5 +195,6 @@ def test_real_fsdd_mixtures_through_the_stages(shared_data: Path, tmp_path: Path
                                   load_section("evaluate", evaluate.EvaluateParams, params), out)
     scores = pd.read_csv(out["predictions"])
     assert len(scores) == result["utterances"] > 0 and scores[list(METRICS)].notna().all().all()
+    assert result["model"]["stoi"]["n"] == len(scores)  # joined digits: long enough for STOI
     # an untrained-enough model must at least not destroy the clean-ish inputs: SI-SNR at 15 dB input stays high
     assert scores.loc[scores["snr_db"] == 15, "si_snr"].mean() > 5
