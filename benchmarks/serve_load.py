@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -140,10 +141,13 @@ class Server:
 
 
 async def load(url: str, clips: list[bytes], concurrency: int, requests: int | None = None,
-               duration_s: float | None = None, raw: bool = True) -> dict:
+               duration_s: float | None = None, raw: bool = True, route: str = "classify",
+               check: Callable[[str, bytes], str | None] | None = None) -> dict:
     """Closed loop: ``concurrency`` workers post a clip until ``requests`` are sent or time is up.
 
-    ``raw``: to /raw/classify as the body; else to /classify as a multipart form.
+    ``raw``: to /raw/<route> as the body; else to /<route> as a multipart form (field ``audio``).
+    ``check``: given a 200 answer's content type and body, the problem with it (counted as an
+    error under that name), or None.
 
     aiohttp rather than httpx: the client shares the 2 cores with the server, and aiohttp
     spends a fraction of httpx's CPU time per request.
@@ -157,18 +161,20 @@ async def load(url: str, clips: list[bytes], concurrency: int, requests: int | N
         nonlocal sent
         while (requests is None or sent < requests) and time.perf_counter() < stop_at:
             if raw:
-                post = session.post(f"{url}/raw/classify?name=clip.wav", data=clips[sent % len(clips)],
+                post = session.post(f"{url}/raw/{route}?name=clip.wav", data=clips[sent % len(clips)],
                                     headers={"Content-Type": "audio/wav"})
             else:
                 form = aiohttp.FormData()
                 form.add_field("audio", clips[sent % len(clips)], filename="clip.wav", content_type="audio/wav")
-                post = session.post(f"{url}/classify", data=form)
+                post = session.post(f"{url}/{route}", data=form)
             sent += 1
             t0 = time.perf_counter()
             try:
                 async with post as r:
-                    await r.read()
+                    body = await r.read()
                     key = None if r.status == 200 else str(r.status)
+                    if key is None and check is not None:
+                        key = check(r.content_type, body)
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:
                 key = type(err).__name__
             latencies.append(time.perf_counter() - t0)
