@@ -223,6 +223,7 @@ class EnhancerInfo(Contract):
     task: Literal["enhance"] = "enhance"
     spec: dict  # {"arch": "unet", "task": "enhance", "kwargs": MaskUNet's arguments}
     sample_rate: int  # the network's rate: other inputs are resampled to it and back
+    precision: Literal["32", "bf16"] = "32"  # how evaluate and the service run it (bf16: autocast)
     seed: int | None = None
     fold: str | None = None
     selection: str | None = None

@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline import audio
 from pipeline.contracts import EnhancerInfo, ModelFolder
-from pipeline.models.inference import load_weights
+from pipeline.models.inference import load_weights, prepare_for_inference
 from pipeline.models.networks import build_network
 
 
@@ -36,10 +36,14 @@ class ExportedEnhancer:
         return next(self.network.parameters()).device
 
     @classmethod
-    def load(cls, folder: Path, device: str = "cpu") -> ExportedEnhancer:
-        """``device``: where the network runs (``auto``: CUDA when present)."""
+    def load(cls, folder: Path, device: str = "cpu", inference: bool = True) -> ExportedEnhancer:
+        """``device``: where the network runs (``auto``: CUDA when present). ``inference``: fold
+        BatchNorm and go channels-last (``prepare_for_inference``: faster, same outputs to float
+        rounding); False keeps the network as trained, e.g. to log it to the registry."""
         info = ModelFolder(folder).enhancer_info()
         network = load_weights(build_network(info.spec), ModelFolder(folder).weights_path).eval()
+        if inference:
+            prepare_for_inference(network)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(network.to(device), info)
@@ -58,7 +62,10 @@ class ExportedEnhancer:
         if len(wave) == 0:
             raise ValueError("enhance got an empty wave")
         x = audio.resample(np.asarray(wave, dtype=np.float32), rate, self.sample_rate)
-        with torch.inference_mode():
+        # bf16 (model.json ``precision``): autocast runs the convolutions in bf16 and keeps the
+        # STFT, its inverse and the mask product in float32
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.info.precision == "bf16"):
             out = self.network(torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device))[0]
         out = audio.resample(out.float().cpu().numpy(), self.sample_rate, rate)
         return out[:len(wave)] if len(out) >= len(wave) else np.pad(out, (0, len(wave) - len(out)))

@@ -145,7 +145,7 @@ def enhancer(model_dir: Path, features: FeaturesFolder, p: RegisterParams) -> Ca
     if features.task() != "enhance":
         raise ValueError(f"{features.meta_path}: features of task {features.task()}, not enhance; rerun the "
                          "featurize stage with params.yaml task: enhance")
-    model = ExportedEnhancer.load(model_dir)
+    model = ExportedEnhancer.load(model_dir, inference=False)  # logged as trained, BatchNorm intact
     if model.info.signature() != features.enhance_meta().signature():
         raise ValueError(f"{model_dir} was not trained on {features.path} (its rate {model.sample_rate} Hz, "
                          f"the features' {features.enhance_meta().sample_rate} Hz)")

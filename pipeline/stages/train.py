@@ -239,7 +239,8 @@ def run_enhance(raw_dir: Path, features_dir: Path, p: TrainParams, work: Path, m
         with atomic_dir(model_dir) as tmp:
             shutil.copy2(work / "enhance" / "model.safetensors", tmp / "model.safetensors")
             ModelFolder(tmp).write_info(EnhancerInfo(
-                spec=make_unet_spec(e.model), sample_rate=meta.sample_rate, seed=e.trainer.seed, fold="enhance",
+                spec=make_unet_spec(e.model), sample_rate=meta.sample_rate, precision=e.inference_precision,
+                seed=e.trainer.seed, fold="enhance",
                 selection=f"best epoch by {e.trainer.monitor} ({e.trainer.monitor_mode})"))
             train[["path", "pair"]].to_csv(ModelFolder(tmp).training_files_path, index=False, lineterminator="\n")
             (tmp / "config_used.yaml").write_text(yaml.safe_dump(e.model_dump(mode="json"), sort_keys=False))
