@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--channels", type=int, default=8)
     add("--depth", type=int, default=3)
     add("--mask", choices=("sigmoid", "bounded_relu"), default="sigmoid")
+    add("--n-fft", type=int, default=512)
+    add("--hop", type=int, default=128)
     add("--crop-s", type=float, default=1.0)
     add("--spectral-weight", type=float, default=0.0)
     add("--epochs", type=int, default=24)
@@ -95,7 +97,7 @@ def train(args: argparse.Namespace, root: Path, splits: dict[str, pd.DataFrame],
                       monitor="val/si_snr", monitor_mode="max", patience=args.patience, save_top_k=1,
                       accelerator="cpu", devices=1, seed=args.seed, progress_bar=False)
     seed_all(p.seed)
-    network = MaskUNet(depth=args.depth, channels=args.channels, mask=args.mask)
+    network = MaskUNet(n_fft=args.n_fft, hop=args.hop, depth=args.depth, channels=args.channels, mask=args.mask)
     module = EnhanceModule(network, p, spectral_weight=args.spectral_weight)
     data = PairedWaveDataModule(root, splits["train"], splits["val"], None, p, RATE, args.crop_s)
     start = time.perf_counter()

@@ -176,9 +176,10 @@ def write_outputs(table: pd.DataFrame, groups: pd.DataFrame, y_true: np.ndarray,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("raw", "features", "ignored", "model", "pretrained", "metrics", "predictions", "segments", "groups",
+    for name in ("features", "ignored", "model", "pretrained", "metrics", "predictions", "segments", "groups",
                  "plots", "run-id"):
         parser.add_argument(f"--{name}", type=Path, required=True)
+    parser.add_argument("--raw", type=Path, help="the recordings (task enhance reads the waves; required there)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     out = {"metrics": args.metrics, "predictions": args.predictions, "segments": args.segments, "groups": args.groups,
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         params = load_section("evaluate", EvaluateParams, args.params)
         args.plots.mkdir(parents=True, exist_ok=True)
         if load_task(args.params) == "enhance":
+            if args.raw is None:
+                raise ValueError("task enhance reads the waves: give --raw (the recordings folder)")
             report = run_enhance(args.raw, args.features, args.model, params, out)
             print("evaluate: " + ", ".join(
                 f"{m} {report['model'][m]['mean']:.3f} vs spectral gating {report['baseline'][m]['mean']:.3f}"

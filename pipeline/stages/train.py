@@ -262,7 +262,7 @@ def run_enhance(raw_dir: Path, features_dir: Path, p: TrainParams, work: Path, m
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=Path, required=True)
-    parser.add_argument("--raw", type=Path, required=True, help="the recordings (task enhance reads the waves)")
+    parser.add_argument("--raw", type=Path, help="the recordings (task enhance reads the waves; required there)")
     parser.add_argument("--manifest", type=Path, help="validate_raw's manifest: the model's drift profile")
     parser.add_argument("--ignored", type=Path, required=True, help="filter stage output")
     parser.add_argument("--pretrained", type=Path, required=True, help="pretrain stage model folder")
@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = load_section("train", TrainParams, args.params)
         if load_task(args.params) == "enhance":
+            if args.raw is None:
+                raise ValueError("task enhance reads the waves: give --raw (the recordings folder)")
             summary = run_enhance(args.raw, args.features, params, args.work, args.model, args.curves, args.run_id)
         else:
             summary = run(args.features, args.ignored, args.pretrained, params, args.work, args.model,
