@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--depth", type=int, default=3)
     add("--mask", choices=("sigmoid", "bounded_relu"), default="sigmoid")
     add("--n-fft", type=int, default=512)
-    add("--hop", type=int, default=128)
+    add("--hop", type=int, default=256)
     add("--crop-s", type=float, default=1.0)
     add("--spectral-weight", type=float, default=0.0)
     add("--epochs", type=int, default=24)
