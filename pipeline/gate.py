@@ -95,16 +95,21 @@ def baseline_gate(challenger: pd.DataFrame, p: GateParams) -> dict:
         return {"gate": "off", "passed": True}
     if "baseline_predicted" not in challenger:
         raise ValueError("the predictions have no baseline columns (baseline_predicted); rerun the evaluate stage")
-    test = paired_test(challenger[challenger["kept"]], "baseline_", "", p)
+    return _against_baseline(paired_test(challenger[challenger["kept"]], "baseline_", "", p), p, p.metric,
+                             "the baseline")
+
+
+def _against_baseline(test: dict, p: GateParams, metric: str, name: str) -> dict:
+    """The baseline gate's decision from a paired test of the baseline (``a``) and the model (``b``)."""
     base, model = test.pop("a"), test.pop("b")
     if p.baseline_gate == "at_least":
         passed = model >= base - TOLERANCE and not test["worse"]
-        why = ("at least as good as the baseline" if passed else
-               f"below the baseline: {p.metric} {model:.4f} vs {base:.4f}, p={test['p_value']:.4g}")
+        why = (f"at least as good as {name}" if passed else
+               f"below {name}: {metric} {model:.4f} vs {base:.4f}, p={test['p_value']:.4g}")
     else:
         passed = model > base and test["p_value"] < p.alpha and not test["worse"]
-        why = ("significantly better than the baseline" if passed else
-               f"not significantly better than the baseline: {p.metric} {model:.4f} vs {base:.4f}, "
+        why = (f"significantly better than {name}" if passed else
+               f"not significantly better than {name}: {metric} {model:.4f} vs {base:.4f}, "
                f"p={test['p_value']:.4g} (alpha {p.alpha})")
     return {"gate": p.baseline_gate, "model": model, "baseline": base, **test, "passed": bool(passed), "why": why}
 
@@ -140,19 +145,8 @@ def enhance_baseline_gate(challenger: pd.DataFrame, p: GateParams) -> dict:
     if p.baseline_gate == "off":
         return {"gate": "off", "passed": True}
     metric = p.enhance_metric
-    test = paired_wilcoxon(challenger, f"ref_{metric}", metric, p)
-    base, model = test.pop("a"), test.pop("b")
-    if p.baseline_gate == "at_least":
-        passed = model >= base - TOLERANCE and not test["worse"]
-        why = ("at least as good as the reference (spectral gating)" if passed else
-               f"below the reference (spectral gating): {metric} {model:.4f} vs {base:.4f}, "
-               f"p={test['p_value']:.4g}")
-    else:
-        passed = model > base and test["p_value"] < p.alpha and not test["worse"]
-        why = ("significantly better than the reference (spectral gating)" if passed else
-               f"not significantly better than the reference (spectral gating): {metric} {model:.4f} "
-               f"vs {base:.4f}, p={test['p_value']:.4g} (alpha {p.alpha})")
-    return {"gate": p.baseline_gate, "model": model, "baseline": base, **test, "passed": bool(passed), "why": why}
+    return _against_baseline(paired_wilcoxon(challenger, f"ref_{metric}", metric, p), p, metric,
+                             "the reference (spectral gating)")
 
 
 def enhance_champion_gate(challenger: pd.DataFrame, champion: pd.DataFrame | None, p: GateParams) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import audio, profile
-from pipeline.features import FeatureParams, aggregate_segments, fit_length, log_mel_batch
+from pipeline.features import aggregate_segments, fit_length, log_mel_batch
 from pipeline.models.inference import ExportedModel
 
 

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from pipeline import plots, profile, tracking
 from pipeline.config import Section, load_section, load_task
-from pipeline.contracts import EnhancerInfo, FeaturesFolder, ModelFolder, ModelInfo, PretrainFolder
+from pipeline.contracts import EnhancerInfo, FeaturesFolder, ModelFolder, ModelInfo
 from pipeline.features import BandNorm
 from pipeline.io import atomic_dir, file_digest, write_csv, write_json
 from pipeline.models.inference import embeddings, load_weights, pretrained_weights

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -88,3 +89,34 @@ def _stop(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # a worker may outlive its parent
     process.wait()
+
+
+@contextlib.contextmanager
+def packaged_and_served(root: Path, features: Path, params: Path, env: dict[str, str],
+                        start_timeout_s: float) -> Iterator[tuple[str, dict, Path]]:
+    """The package stage on ``root/register.json``, then ``bentoml serve`` of its Bento on a free
+    loopback port until ``/readyz`` answers: yields (url, package.json, server log); stops it after."""
+    subprocess.run([sys.executable, "-m", "pipeline.stages.package", "--decision", str(root / "register.json"),
+                    "--features", str(features), "--bento", str(root / "soundline.bento"),
+                    "--out", str(root / "package.json"), "--params", str(params)],
+                   cwd=root, env=env, check=True, timeout=600)
+    package = json.loads((root / "package.json").read_text())
+    port = _free_port()
+    log = root / "serve.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen(["bentoml", "serve", package["bento_tag"], "--host", "127.0.0.1",
+                                    "--port", str(port)], cwd=root, env=env, stdout=log_file,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            assert process.poll() is None, f"bentoml serve exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"not ready in {start_timeout_s} s:\n{log.read_text()}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url, package, log
+    finally:
+        _stop(process)

@@ -2,12 +2,10 @@
 loopback and score real recordings over HTTP, with the pipeline's own functions as the oracle."""
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from pipeline.stages.register import RegisterParams
 from pipeline.stages.register import run as register_run
 from pipeline.models.networks import ModelParams, build_network, make_spec
 from tests.conftest import REPO, subprocess_env
-from tests.integration.conftest import _free_port, _stop
+from tests.integration.conftest import packaged_and_served
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 180.0
@@ -97,32 +95,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Itera
     finally:
         mp.undo()
     assert record["move"] and record["holder_after"] == "1"
-    subprocess.run([sys.executable, "-m", "pipeline.stages.package", "--decision", str(root / "register.json"),
-                    "--features", str(features), "--bento", str(root / "soundline.bento"),
-                    "--out", str(root / "package.json"), "--params", str(REPO / "params.yaml")],
-                   cwd=root, env=env, check=True, timeout=600)
-    package = json.loads((root / "package.json").read_text())
-    port = _free_port()
-    log = root / "serve.log"
-    with log.open("w") as log_file:
-        process = subprocess.Popen(["bentoml", "serve", package["bento_tag"], "--host", "127.0.0.1",
-                                    "--port", str(port)], cwd=root, env=env, stdout=log_file,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"bentoml serve exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"not ready in {START_TIMEOUT_S} s:\n{log.read_text()}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+    with packaged_and_served(root, features, REPO / "params.yaml", env, START_TIMEOUT_S) as (url, package, log):
         with httpx.Client(base_url=url, timeout=60) as client:
             yield {"client": client, "package": package, "model": ExportedModel.load(model_dir),
                    "recordings": recordings, "root": root, "log": log}
-    finally:
-        _stop(process)
 
 
 def _post(served: dict, data: bytes, endpoint: str = "classify", name: str = "clip.wav",

@@ -5,12 +5,7 @@ the plumbing, not the enhancement."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import json
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +24,7 @@ from pipeline.models.networks import UNetParams, build_network, make_unet_spec
 from pipeline.stages.register import RegisterParams
 from pipeline.stages.register import run as register_run
 from tests.conftest import REPO, subprocess_env
-from tests.integration.conftest import _free_port, _stop
+from tests.integration.conftest import packaged_and_served
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 180.0
@@ -86,32 +81,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     (root / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef.dir\n  path: data/raw\n")
     record = _register(root, root / "params.yaml", RegisterParams(), env)
     assert record["move"] and record["holder_after"] == "1", record
-    subprocess.run([sys.executable, "-m", "pipeline.stages.package", "--decision", str(root / "register.json"),
-                    "--features", str(root / "features"), "--bento", str(root / "soundline.bento"),
-                    "--out", str(root / "package.json"), "--params", str(root / "params.yaml")],
-                   cwd=root, env=env, check=True, timeout=600)
-    package = json.loads((root / "package.json").read_text())
-    port = _free_port()
-    log = root / "serve.log"
-    with log.open("w") as log_file:
-        process = subprocess.Popen(["bentoml", "serve", package["bento_tag"], "--host", "127.0.0.1",
-                                    "--port", str(port)], cwd=root, env=env, stdout=log_file,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"bentoml serve exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"not ready in {START_TIMEOUT_S} s:\n{log.read_text()}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+    with packaged_and_served(root, root / "features", root / "params.yaml", env, START_TIMEOUT_S) as (url, package, _):
         with httpx.Client(base_url=url, timeout=60) as client:
             yield {"client": client, "package": package, "record": record, "root": root, "env": env,
                    "enhancer": ExportedEnhancer.load(root / "model")}
-    finally:
-        _stop(process)
 
 
 def _post(served: dict, data: bytes, endpoint: str = "enhance", name: str = "noisy.wav",
