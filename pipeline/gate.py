@@ -79,7 +79,11 @@ def champion_gate(challenger: pd.DataFrame, champion: pd.DataFrame | None, p: Ga
                 "why": f"champion was evaluated on other test files ({len(both)} of "
                        f"{int(challenger['kept'].sum())} shared): not comparable; "
                        f"register.when_incomparable={p.when_incomparable}"}
-    test = paired_test(both, "champion_", "", p)
+    return _against_champion(paired_test(both, "champion_", "", p), p)
+
+
+def _against_champion(test: dict, p: GateParams) -> dict:
+    """The champion gate's decision from a paired test of the champion (``a``) and the challenger (``b``)."""
     old, new = test.pop("a"), test.pop("b")
     test.pop("worse")
     wins = new - old >= p.min_improvement - TOLERANCE and new > old and test["p_value"] < p.alpha
@@ -161,11 +165,4 @@ def enhance_champion_gate(challenger: pd.DataFrame, champion: pd.DataFrame | Non
         return {"move": p.when_incomparable == "promote",
                 "why": f"champion was evaluated on other test utterances or without {metric} ({len(shared)} of "
                        f"{len(challenger)} shared): not comparable; register.when_incomparable={p.when_incomparable}"}
-    test = paired_wilcoxon(shared, f"{metric}_champion", metric, p)
-    old, new = test.pop("a"), test.pop("b")
-    test.pop("worse")
-    wins = new - old >= p.min_improvement - TOLERANCE and new > old and test["p_value"] < p.alpha
-    return {**test, "challenger": new, "champion": old, "move": bool(wins),
-            "why": "challenger is significantly better" if wins else
-                   f"not better enough: improvement {new - old:+.4f} (min {p.min_improvement}), "
-                   f"p={test['p_value']:.4g} (alpha {p.alpha})"}
+    return _against_champion(paired_wilcoxon(shared, f"{metric}_champion", metric, p), p)

@@ -91,6 +91,18 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
+    """Poll ``url``/readyz until it answers 200; fail with the server's log if it exits or is late."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, f"the server exited:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"not ready in {timeout_s} s:\n{log.read_text()}"
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def packaged_and_served(root: Path, features: Path, params: Path, env: dict[str, str],
                         start_timeout_s: float) -> Iterator[tuple[str, dict, Path]]:
@@ -109,14 +121,7 @@ def packaged_and_served(root: Path, features: Path, params: Path, env: dict[str,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            assert process.poll() is None, f"bentoml serve exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"not ready in {start_timeout_s} s:\n{log.read_text()}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+        wait_ready(process, url, log, start_timeout_s)
         yield url, package, log
     finally:
         _stop(process)

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import yaml
 
 from pipeline import tracking
 from tests.conftest import REPO
-from tests.integration.conftest import _free_port
+from tests.integration.conftest import _free_port, wait_ready
 from tests.integration.repo import commit_data, link_venv, processes_in, reduced_repo, sh
 
 pytestmark = pytest.mark.slow
@@ -67,14 +66,7 @@ def _serve(clone: Path, env: dict[str, str], wav: Path) -> tuple[dict, str]:
         process = subprocess.Popen(["make", "-o", "install", "serve", f"PORT={port}"], cwd=clone, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + SERVE_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"make serve exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"not ready in {SERVE_TIMEOUT_S} s:\n{log.read_text()}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+        wait_ready(process, f"http://127.0.0.1:{port}", log, SERVE_TIMEOUT_S)
         resp = httpx.post(f"http://127.0.0.1:{port}/classify", files={"audio": (wav.name, wav.read_bytes())},
                           timeout=60)
         assert resp.status_code == 200, resp.text
