@@ -1,7 +1,7 @@
 """Speech enhancement: the MaskUNet recipe trained with Lightning vs classical spectral gating.
 
     python benchmarks/enhance.py [--speakers 8] [--utterances 10] [--corpus DIR] [--epochs 24]
-                                 [--channels 8] [--depth 3] [--crop-s 1.0] [--lr 3e-3] ...
+                                 [--channels 6] [--depth 3] [--n-fft 256] [--hop 128] [--crop-s 1.0] ...
 
 1. Builds the paired espeak corpus (pipeline.data.enhance_corpus) into a tmp dir, or reads
    ``--corpus``; splits it by speaker (train / val / test groups disjoint, so no clean utterance
@@ -61,11 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--utterances", type=int, default=10)
     add("--val-speakers", type=int, default=1)
     add("--test-speakers", type=int, default=2)
-    add("--channels", type=int, default=8)
+    add("--channels", type=int, default=6)
     add("--depth", type=int, default=3)
     add("--mask", choices=("sigmoid", "bounded_relu"), default="sigmoid")
-    add("--n-fft", type=int, default=512)
-    add("--hop", type=int, default=256)
+    add("--n-fft", type=int, default=256)
+    add("--hop", type=int, default=128)
     add("--crop-s", type=float, default=1.0)
     add("--spectral-weight", type=float, default=0.0)
     add("--epochs", type=int, default=24)
