@@ -234,7 +234,7 @@ def run_enhance(raw_dir: Path, features_dir: Path, p: TrainParams, work: Path, m
         tracking.write_run_id(run_file, stage)
         train, val = enhance_rows(index, e.val_fold)
         with stage.child("enhance", {"train_pairs": len(train), "val_pairs": len(val)}) as child:
-            result, module = fit_enhancer(raw_dir, index, e, meta.sample_rate, work / "enhance",
+            result, module = fit_enhancer(raw_dir, train, val, e, meta.sample_rate, work / "enhance",
                                           tracking.lightning_logger(child))
         with atomic_dir(model_dir) as tmp:
             shutil.copy2(work / "enhance" / "model.safetensors", tmp / "model.safetensors")

@@ -156,11 +156,11 @@ def enhance_rows(index: pd.DataFrame, val_fold: int) -> tuple[pd.DataFrame, pd.D
     return pool[pool["fold"] != val_fold], pool[pool["fold"] == val_fold]
 
 
-def fit_enhancer(raw_dir: Path, index: pd.DataFrame, p: EnhanceParams, rate: int, work: Path,
+def fit_enhancer(raw_dir: Path, train: pd.DataFrame, val: pd.DataFrame, p: EnhanceParams, rate: int, work: Path,
                  logger: object = None) -> tuple[dict, EnhanceModule]:
-    """Fit (or resume, or skip when done) the MaskUNet recipe in ``work``: early stopping on
-    ``p.trainer.monitor``, the best weights in ``work/model.safetensors`` (see ``fit_fold``)."""
-    train, val = enhance_rows(index, p.val_fold)
+    """Fit (or resume, or skip when done) the MaskUNet recipe on ``train`` in ``work`` (rows of
+    ``enhance_rows``): early stopping on ``p.trainer.monitor`` over ``val``, the best weights in
+    ``work/model.safetensors`` (see ``fit_fold``)."""
     seed_all(p.trainer.seed)
     module = EnhanceModule(build_network(make_unet_spec(p.model)), p.trainer, p.spectral_weight)
     data = PairedWaveDataModule(raw_dir, train, val, None, p.trainer, rate, p.crop_s)
