@@ -43,12 +43,13 @@ FIXED = ("nicolas", "yweweler")
 FOLDS = {**{f"loso_{s}": (s,) for s in SPEAKERS}, "fixed": FIXED}
 
 
-def params(out: Path, epochs: int | None) -> Path:
-    """The repo's params.yaml with the FSDD recipe merged in (and ``epochs``, for a smoke run)."""
+def params(out: Path, epochs: int | None, seed: int | None = None) -> Path:
+    """The repo's params.yaml with the FSDD recipe merged in (``epochs``: a smoke run; ``seed``: train.seed)."""
     from tests.conftest import write_params
 
     recipe = yaml.safe_load((ROOT / "benchmarks" / "fsdd_params.yaml").read_text())
-    return write_params(out, recipe, {"train": {"trainer": {"max_epochs": epochs}}} if epochs else None)
+    train_overrides = ({"trainer": {"max_epochs": epochs}} if epochs else {}) | ({"seed": seed} if seed is not None else {})
+    return write_params(out, recipe, {"train": train_overrides} if train_overrides else None)
 
 
 def run_fold(name: str, work: Path, all_features: Path, params_file: Path) -> dict:
@@ -89,13 +90,14 @@ def main() -> None:
     parser.add_argument("--fsdd", type=Path, default=ROOT.parent / "shared" / "data" / "fsdd" / "recordings")
     parser.add_argument("--folds", nargs="+", choices=list(FOLDS), default=list(FOLDS))
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's (a smoke run)")
+    parser.add_argument("--seed", type=int, default=None, help="override train.seed (a second run for a range)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fsdd_accuracy.json")
     args = parser.parse_args()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fsdd_bench_") as tmp:
         work = Path(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-        params_file = params(work / "params.yaml", args.epochs)
+        params_file = params(work / "params.yaml", args.epochs, args.seed)
         raw = work / "raw"
         ingest.ingest(args.fsdd, ingest.scan(args.fsdd, PATTERN), raw)
         report = validate_raw.run(raw, load_section("validate_raw", validate_raw.RawParams, params_file),
@@ -110,7 +112,8 @@ def main() -> None:
             folds[name] = run_fold(name, work, work / "all", params_file)
             print(name, json.dumps(folds[name]), flush=True)
         recipe = yaml.safe_load((ROOT / "benchmarks" / "fsdd_params.yaml").read_text())
-    result = {"folds": folds, "summary": summarize(folds), "recipe": recipe, "threads": os.cpu_count(),
+        seed = load_section("train", train.TrainParams, params_file).seed
+    result = {"folds": folds, "summary": summarize(folds), "recipe": recipe, "seed": seed, "threads": os.cpu_count(),
               "seconds": round(time.perf_counter() - start, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
