@@ -48,8 +48,12 @@ def params(out: Path, epochs: int | None, seed: int | None = None) -> Path:
     from tests.conftest import write_params
 
     recipe = yaml.safe_load((ROOT / "benchmarks" / "fsdd_params.yaml").read_text())
-    train_overrides = ({"trainer": {"max_epochs": epochs}} if epochs else {}) | ({"seed": seed} if seed is not None else {})
-    return write_params(out, recipe, {"train": train_overrides} if train_overrides else None)
+    overrides: dict = {}
+    if epochs:
+        overrides["trainer"] = {"max_epochs": epochs}
+    if seed is not None:
+        overrides["seed"] = seed
+    return write_params(out, recipe, {"train": overrides} if overrides else None)
 
 
 def run_fold(name: str, work: Path, all_features: Path, params_file: Path) -> dict:
