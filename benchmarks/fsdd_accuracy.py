@@ -11,6 +11,7 @@ No validation-based selection: each fold trains one model on every training spea
 fixed number of epochs (``train.folds: []``, ``final: refit``). Usage::
 
     python benchmarks/fsdd_accuracy.py [--fsdd ../shared/data/fsdd/recordings] [--folds loso_theo fixed]
+        [--seed N] [--set train.augment.mixup_alpha=0.4 ...]
 
 Writes benchmarks/results/fsdd_accuracy.json; the last line is ``fsdd_loso_accuracy=X``.
 """
@@ -43,8 +44,20 @@ FIXED = ("nicolas", "yweweler")
 FOLDS = {**{f"loso_{s}": (s,) for s in SPEAKERS}, "fixed": FIXED}
 
 
-def params(out: Path, epochs: int | None, seed: int | None = None) -> Path:
-    """The repo's params.yaml with the FSDD recipe merged in (``epochs``: a smoke run; ``seed``: train.seed)."""
+def setting(text: str) -> dict:
+    """``a.b.c=value`` (the value in YAML) -> {"a": {"b": {"c": value}}}, as ``dvc exp run -S``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected section.key=value")
+    nested: dict = yaml.safe_load(value)
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def params(out: Path, epochs: int | None, seed: int | None = None, sets: list[dict] | None = None) -> Path:
+    """The repo's params.yaml with the FSDD recipe merged in (``epochs``: a smoke run; ``seed``:
+    train.seed; ``sets``: further overrides, applied last)."""
     from tests.conftest import write_params
 
     recipe = yaml.safe_load((ROOT / "benchmarks" / "fsdd_params.yaml").read_text())
@@ -53,7 +66,7 @@ def params(out: Path, epochs: int | None, seed: int | None = None) -> Path:
         overrides["trainer"] = {"max_epochs": epochs}
     if seed is not None:
         overrides["seed"] = seed
-    return write_params(out, recipe, {"train": overrides} if overrides else None)
+    return write_params(out, recipe, {"train": overrides} if overrides else None, *(sets or []))
 
 
 def run_fold(name: str, work: Path, all_features: Path, params_file: Path) -> dict:
@@ -95,13 +108,15 @@ def main() -> None:
     parser.add_argument("--folds", nargs="+", choices=list(FOLDS), default=list(FOLDS))
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's (a smoke run)")
     parser.add_argument("--seed", type=int, default=None, help="override train.seed (a second run for a range)")
+    parser.add_argument("--set", type=setting, action="append", dest="sets", metavar="SECTION.KEY=VALUE",
+                        help="override any param on top of the recipe (repeatable): a variant to compare")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fsdd_accuracy.json")
     args = parser.parse_args()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fsdd_bench_") as tmp:
         work = Path(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-        params_file = params(work / "params.yaml", args.epochs, args.seed)
+        params_file = params(work / "params.yaml", args.epochs, args.seed, args.sets)
         raw = work / "raw"
         ingest.ingest(args.fsdd, ingest.scan(args.fsdd, PATTERN), raw)
         report = validate_raw.run(raw, load_section("validate_raw", validate_raw.RawParams, params_file),
@@ -117,7 +132,8 @@ def main() -> None:
             print(name, json.dumps(folds[name]), flush=True)
         recipe = yaml.safe_load((ROOT / "benchmarks" / "fsdd_params.yaml").read_text())
         seed = load_section("train", train.TrainParams, params_file).seed
-    result = {"folds": folds, "summary": summarize(folds), "recipe": recipe, "seed": seed, "threads": os.cpu_count(),
+    result = {"folds": folds, "summary": summarize(folds), "recipe": recipe, "overrides": args.sets or [],
+              "seed": seed, "threads": os.cpu_count(),
               "seconds": round(time.perf_counter() - start, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
