@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from pipeline import audio  # noqa: E402
-from serve_load import Server, load  # noqa: E402
+from loadgen import Server, load  # noqa: E402
 
 RATE, SECONDS, SNR_DB = 16000, 5.0, 5.0
 FSDD = REPO.parent / "shared" / "data" / "fsdd" / "recordings"

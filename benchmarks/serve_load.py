@@ -10,7 +10,11 @@ threads as the service runs it: the ceiling; and (d) that call on one clip at a 
 model's own batching gain: a/b can exceed it only by what batching saves outside the model, so
 where c/d < 3 the a/b goal is out of reach for that model on these cores. Then a soak of (a):
 errors and the server process tree's RSS growth. Every request is a 1 s, 16 kHz, 16-bit
-speech-like clip; the load client runs on the same cores as the server.
+speech-like clip; the load client runs on the same cores as the server. Each load phase also
+reports the CPU milliseconds per request of the server's processes and of the client; and the
+same load on ``serve_floor.py`` (the framework alone: a no-op route in the same configuration)
+gives the highest a/c these cores allow for this model (``batched_over_raw_bound``); the
+service's batch-size histogram gives the clips per model call that the load formed.
 
 ``--model``: ``trained`` (default), the champion ``make demo`` trains (models/train); or, with
 random weights (timing does not depend on them), ``resnet`` / ``cnn`` (train.model of params.yaml
@@ -30,19 +34,12 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
-import httpx
 import numpy as np
-import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +49,8 @@ from pipeline import audio  # noqa: E402
 from pipeline.features import FeatureParams, fit_length  # noqa: E402
 from pipeline.models.inference import ExportedModel, fastest_batch_size  # noqa: E402
 from pipeline.scoring import score_clips  # noqa: E402
+
+from loadgen import Server, load, model_calls, timed_load  # noqa: E402
 
 
 def clip(seed: int) -> bytes:
@@ -94,128 +93,30 @@ def model_folder(tmp: Path, model: str) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    def __init__(self, env: dict, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        with log.open("w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:Soundline",
-                                          "--host", "127.0.0.1", "--port", str(self.port)], cwd=REPO, env=env,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not ready:\n{log.read_text()[-3000:]}")
-
-    def rss_mb(self) -> float:
-        procs = [psutil.Process(self.proc.pid)]
-        procs += procs[0].children(recursive=True)
-        return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-
-
-async def load(url: str, clips: list[bytes], concurrency: int, requests: int | None = None,
-               duration_s: float | None = None, raw: bool = True, route: str = "classify",
-               check: Callable[[str, bytes], str | None] | None = None) -> dict:
-    """Closed loop: ``concurrency`` workers post a clip until ``requests`` are sent or time is up.
-
-    ``raw``: to /raw/<route> as the body; else to /<route> as a multipart form (field ``audio``).
-    ``check``: given a 200 answer's content type and body, the problem with it (counted as an
-    error under that name), or None.
-
-    aiohttp rather than httpx: the client shares the 2 cores with the server, and aiohttp
-    spends a fraction of httpx's CPU time per request.
-    """
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    sent = 0
-    stop_at = time.perf_counter() + (duration_s or 1e9)
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal sent
-        while (requests is None or sent < requests) and time.perf_counter() < stop_at:
-            if raw:
-                post = session.post(f"{url}/raw/{route}?name=clip.wav", data=clips[sent % len(clips)],
-                                    headers={"Content-Type": "audio/wav"})
-            else:
-                form = aiohttp.FormData()
-                form.add_field("audio", clips[sent % len(clips)], filename="clip.wav", content_type="audio/wav")
-                post = session.post(f"{url}/{route}", data=form)
-            sent += 1
-            t0 = time.perf_counter()
-            try:
-                async with post as r:
-                    body = await r.read()
-                    key = None if r.status == 200 else str(r.status)
-                    if key is None and check is not None:
-                        key = check(r.content_type, body)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-                key = type(err).__name__
-            latencies.append(time.perf_counter() - t0)
-            if key:
-                errors[key] = errors.get(key, 0) + 1
-
-    # A fresh connection per request, as from many independent clients: 32 long-lived keep-alive
-    # connections get pinned to the server's workers by an accept race at the start (seen: 26
-    # on one worker, 6 on the other), which would measure that race rather than the service.
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    ms = np.asarray(latencies) * 1000
-    return {"requests": len(latencies), "errors": errors, "wall_s": round(wall, 2),
-            "rps": round(len(latencies) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p90_ms": round(float(np.percentile(ms, 90)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
-            "max_ms": round(float(ms.max()), 1)}
-
-
-def serve_run(env: dict, log: Path, clips: list[bytes], args: argparse.Namespace, soak: bool = False) -> dict:
-    server = Server(env, log)
+def serve_run(env: dict, log: Path, clips: list[bytes], args: argparse.Namespace, soak: bool = False,
+              target: str = "serving.service:Soundline", cwd: Path = REPO) -> dict:
+    batching = target == "serving.service:Soundline" and env.get("SOUNDLINE_BATCHING") == "1"
+    server = Server(env, log, target, cwd)
     try:
         asyncio.run(load(server.url, clips, args.concurrency, requests=4 * args.concurrency))  # warm-up
-        result = asyncio.run(load(server.url, clips, args.concurrency, requests=args.requests))
+        result = timed_load(server, clips, args.concurrency, requests=args.requests)
         if soak:
-            result["multipart"] = asyncio.run(load(server.url, clips, args.concurrency,
-                                                   requests=args.requests, raw=False))
+            result["multipart"] = timed_load(server, clips, args.concurrency, requests=args.requests, raw=False)
             rss0 = server.rss_mb()
-            s = asyncio.run(load(server.url, clips, args.concurrency, duration_s=args.soak_s))
+            s = timed_load(server, clips, args.concurrency, duration_s=args.soak_s)
             rss1 = server.rss_mb()
             result["soak"] = {**s, "duration_s": args.soak_s, "rss_start_mb": round(rss0, 1),
                               "rss_end_mb": round(rss1, 1), "rss_growth": round(rss1 / rss0 - 1, 4)}
+            if batching:
+                result["model_calls"] = model_calls(server.url)
         return result
     finally:
         server.stop()
 
 
-def _forward_loop(task: tuple[Path, list[bytes], int, int, float, str]) -> int:
-    """Clips scored by one process in ``seconds`` (batches of ``batch``, ``threads`` torch threads)."""
+def _forward_loop(task: tuple[Path, list[bytes], int, int, float, str]) -> tuple[int, float]:
+    """Clips scored by one process in ``seconds`` (batches of ``batch``, ``threads`` torch threads),
+    and the CPU seconds that took."""
     import torch
 
     folder, clips, batch, threads, seconds, device = task
@@ -228,11 +129,11 @@ def _forward_loop(task: tuple[Path, list[bytes], int, int, float, str]) -> int:
         return score_clips(model, w, chunk)
 
     chunk = fastest_batch_size(lambda w: call(w, len(w)), fp.clip_samples, batch)  # as the service picks it
-    n, t0 = 0, time.perf_counter()
+    n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         call(waves, chunk)
         n += batch
-    return n
+    return n, time.process_time() - cpu0
 
 
 def raw_forward(folder: Path, clips: list[bytes], batch: int, device: str, seconds: float = 10.0) -> dict:
@@ -244,9 +145,17 @@ def raw_forward(folder: Path, clips: list[bytes], batch: int, device: str, secon
     serve = yaml.safe_load((REPO / "params.yaml").read_text())["serve"]
     workers, threads = serve["workers"], serve["torch_threads"]
     with ProcessPoolExecutor(workers) as pool:
-        counts = list(pool.map(_forward_loop, [(folder, clips, batch, threads, seconds, device)] * workers))
+        counts, cpu = zip(*pool.map(_forward_loop, [(folder, clips, batch, threads, seconds, device)] * workers))
     return {"batch_size": batch, "processes": workers, "threads": threads,
-            "clips_per_s": round(sum(counts) / seconds, 1)}
+            "clips_per_s": round(sum(counts) / seconds, 1), "cpu_ms_per_clip": round(sum(cpu) / sum(counts) * 1000, 3)}
+
+
+def floor_bound(raw: dict, floor: dict) -> float:
+    """The highest a/c these cores allow: every served request costs at least the model's CPU per
+    clip (batched) plus the framework's and the client's CPU per request on a no-op route, and
+    all of it shares ``os.cpu_count()`` cores."""
+    per_request_ms = raw["cpu_ms_per_clip"] + floor["server_cpu_ms"] + floor["client_cpu_ms"]
+    return round(os.cpu_count() * 1000 / per_request_ms / raw["clips_per_s"], 3)
 
 
 def main() -> None:
@@ -279,6 +188,8 @@ def main() -> None:
         print("batched", json.dumps(batched), flush=True)
         unbatched = serve_run({**env, "SOUNDLINE_BATCHING": "0"}, tmp / "unbatched.log", clips, args)
         print("unbatched", json.dumps(unbatched), flush=True)
+        floor = serve_run(env, tmp / "floor.log", clips, args, target="serve_floor:Floor", cwd=REPO / "benchmarks")
+        print("framework floor", json.dumps(floor), flush=True)
         raw = raw_forward(folder, clips, args.concurrency, args.device)
         print("raw", json.dumps(raw), flush=True)
         raw_single = raw_forward(folder, clips, 1, args.device)
@@ -294,6 +205,8 @@ def main() -> None:
               "model_batching_gain": round(raw["clips_per_s"] / raw_single["clips_per_s"], 2),
               "batched_over_unbatched": round(ratio, 2),
               "batched_over_raw": round(batched["rps"] / raw["clips_per_s"], 3),
+              "framework_floor": floor,
+              **({"batched_over_raw_bound": floor_bound(raw, floor)} if args.device == "cpu" else {}),
               "goals": {**({"batched_over_unbatched>=3": ratio >= 3} if args.device != "cpu" else {}),
                         "batched_over_raw>=0.6": batched["rps"] / raw["clips_per_s"] >= 0.6,
                         "p99_ms<=150": batched["p99_ms"] <= 150,
