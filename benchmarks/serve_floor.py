@@ -1,5 +1,5 @@
 """The framework's own cost per request, for ``benchmarks/serve_load.py``: a BentoML service
-configured as ``serving.service`` is (workers, tracing off, no access log) whose POST
+configured as ``serving.service`` is (``ServeParams.process_config``) whose POST
 /raw/classify reads the body and answers a fixed JSON. No decoding, no model, no guard: what a
 request costs before any of the service's own work, so ``serve_load.py`` can say how high a/c
 could go on these cores with a model of a given cost.
@@ -30,8 +30,7 @@ async def _classify(request: Request) -> Response:
     return Response(b'{"label":"0"}', media_type="application/json")
 
 
-@bentoml.service(name="floor", workers=_SERVE.workers, traffic={"timeout": 60}, http={"host": "127.0.0.1"},
-                 tracing={"sample_rate": 0.0, "excluded_urls": [".*"]}, logging={"access": {"enabled": False}})
+@bentoml.service(name="floor", **_SERVE.process_config())
 @bentoml.asgi_app(Starlette(routes=[Route("/classify", _classify, methods=["POST"])]), path="/raw")
 class Floor:
     @bentoml.api

@@ -28,6 +28,14 @@ class ServeParams(Section):
     drift: Literal["warn", "reject"] = "warn"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the machine has it
 
+    def process_config(self) -> dict:
+        """``@bentoml.service`` arguments for the server processes (workers, timeout, tracing,
+        access log); ``benchmarks/serve_floor.py`` serves its no-op route with the same."""
+        return {"workers": self.workers, "traffic": {"timeout": 60}, "http": {"host": "127.0.0.1"},
+                "tracing": {"sample_rate": self.tracing_sample_rate,
+                            "excluded_urls": [] if self.tracing_sample_rate else [".*"]},
+                "logging": {"access": {"enabled": self.access_log}}}
+
 
 class Served(BaseModel):
     """Which registered model answered: every response carries it."""

@@ -90,10 +90,7 @@ raw_app = Starlette(routes=[Route("/classify", _classify_raw, methods=["POST"]),
 _PROCESS = load_section("serve", ServeParams, params_file())
 
 
-@bentoml.service(name="soundline", workers=_PROCESS.workers, traffic={"timeout": 60}, http={"host": "127.0.0.1"},
-                 tracing={"sample_rate": _PROCESS.tracing_sample_rate,
-                          "excluded_urls": [] if _PROCESS.tracing_sample_rate else [".*"]},
-                 logging={"access": {"enabled": _PROCESS.access_log}})
+@bentoml.service(name="soundline", **_PROCESS.process_config())
 @bentoml.asgi_app(raw_app, path="/raw")
 class Soundline(Enhancing):
     model_ref = bentoml.models.BentoModel(model_tag())
