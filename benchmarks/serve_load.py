@@ -95,7 +95,8 @@ def model_folder(tmp: Path, model: str) -> Path:
 
 def serve_run(env: dict, log: Path, clips: list[bytes], args: argparse.Namespace, soak: bool = False,
               target: str = "serving.service:Soundline", cwd: Path = REPO) -> dict:
-    batching = target == "serving.service:Soundline" and env.get("SOUNDLINE_BATCHING") == "1"
+    """The service at ``target`` under load; ``soak`` (the batched service's run) adds the
+    multipart route, a soak and the clips per model call."""
     server = Server(env, log, target, cwd)
     try:
         asyncio.run(load(server.url, clips, args.concurrency, requests=4 * args.concurrency))  # warm-up
@@ -107,8 +108,7 @@ def serve_run(env: dict, log: Path, clips: list[bytes], args: argparse.Namespace
             rss1 = server.rss_mb()
             result["soak"] = {**s, "duration_s": args.soak_s, "rss_start_mb": round(rss0, 1),
                               "rss_end_mb": round(rss1, 1), "rss_growth": round(rss1 / rss0 - 1, 4)}
-            if batching:
-                result["model_calls"] = model_calls(server.url)
+            result["model_calls"] = model_calls(server.url)
         return result
     finally:
         server.stop()
