@@ -14,7 +14,8 @@ from pipeline.config import Section
 
 class ServeParams(Section):
     max_batch_size: int = Field(32, ge=1)  # clips per model call
-    max_latency_ms: int = Field(2000, gt=0)  # a clip that would wait longer is shed: 503
+    max_latency_ms: int = Field(2000, gt=0)  # a clip still queued after this long is shed: 503
+    max_wait_ms: float = Field(5.0, ge=0)  # a batch waits at most this long for more clips (0: none)
     torch_threads: int = Field(1, ge=1)  # per model call; the event loop and decoding need a core too
     workers: int = Field(1, ge=1)  # server processes, each with its own model copy and batcher
     access_log: bool = False  # a log line per request costs event-loop time; /metrics counts them

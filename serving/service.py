@@ -10,9 +10,9 @@ A model of task enhance (a speech enhancer) is served by ``serving.enhance`` ins
 as /enhance does for a classifier.
 
 Every classification (classify, classify_batch, group_verdict, and POST /raw/classify, which
-takes the audio file as the request body) goes through one adaptive batcher: one call computes
-the features and scores the batch. Decoding, features and the network run in worker threads,
-never on the event loop. A client mistake raises a ``ClientError``, which
+takes the audio file as the request body) goes through one batcher (``serving.batching``): its
+model thread computes the features and scores the batch. Short uploads are decoded on the event
+loop, longer ones in worker threads (``INLINE_DECODE_BYTES``). A client mistake raises a ``ClientError``, which
 ``serving.guards`` turns into a 4xx answer naming the problem, in one place for every route; its
 ``RequestGuard`` answers mistakes in the request's framing before BentoML parses it.
 
@@ -85,6 +85,10 @@ async def _enhance_raw(request: Request) -> Response:
 # app (BentoML's class-view way) costs noticeably more CPU per request.
 raw_app = Starlette(routes=[Route("/classify", _classify_raw, methods=["POST"]),
                             Route("/enhance", _enhance_raw, methods=["POST"])])
+# Uploads up to this size (2 s of 16-bit 16 kHz mono) are decoded on the event loop: a clip that
+# short decodes in less CPU time than a trip through a worker thread costs, and holds the loop for
+# well under a millisecond. Larger ones go to a thread, so a long upload never stalls the others.
+INLINE_DECODE_BYTES = 64 * 1024
 # BentoML reads a service's process-level configuration (workers, tracing, access log) when the
 # class is defined, so these three settings are read at import; everything else in __init__.
 _PROCESS = load_section("serve", ServeParams, params_file())
@@ -133,10 +137,12 @@ class Soundline(Enhancing):
         self.drift_inputs = prometheus_client.Counter(
             "soundline_drift_inputs", "Inputs checked by the drift guard", ["in_distribution"])
         self.batching = os.environ.get("SOUNDLINE_BATCHING", "1") != "0"
-        self._batcher = Batcher(self._forward_batch, self.settings.max_latency_ms, self.settings.max_batch_size)
+        self._batcher = Batcher(self._forward_batch, self.settings.max_latency_ms, self.settings.max_batch_size,
+                                self.settings.max_wait_ms)
 
-    def _upload(self, data: bytes, name: str) -> Upload:
+    def _upload(self, source: bytes | Path, name: str) -> Upload:
         """One upload decoded and cut as the featurize stage does (the file, or its windows)."""
+        data = source if isinstance(source, bytes) else source.read_bytes()
         if len(data) > self.max_upload_bytes:  # chunked uploads carry no Content-Length
             raise TooLarge(too_large(len(data), self.max_upload_bytes))
         try:
@@ -144,12 +150,18 @@ class Soundline(Enhancing):
         except audio.AudioError as err:
             raise ClientError(err.problem, err.source) from err
 
+    async def _decode(self, source: bytes | Path, name: str) -> Upload:
+        """:meth:`_upload`, on the event loop for a small upload, else in a worker thread."""
+        size = len(source) if isinstance(source, bytes) else source.stat().st_size
+        if size <= INLINE_DECODE_BYTES:
+            return self._upload(source, name)
+        return await asyncio.to_thread(self._upload, source, name)
+
     async def _uploads(self, files: list[Path], names: list[str]) -> list[Upload]:
         self._serves("classify")
         if not files:
             raise BadRequest("no files uploaded")
-        return list(await asyncio.gather(*(asyncio.to_thread(lambda f, n: self._upload(f.read_bytes(), n), f, n)
-                                           for f, n in zip(files, names))))
+        return list(await asyncio.gather(*(self._decode(f, n) for f, n in zip(files, names))))
 
     async def _scores(self, clips: np.ndarray) -> np.ndarray:
         try:
@@ -205,7 +217,7 @@ class Soundline(Enhancing):
         self._serves("classify")
         name = request.query_params.get("name") or "upload"
         body = await read_body(request, self.max_upload_bytes)
-        upload = await asyncio.to_thread(self._upload, body, name)
+        upload = await self._decode(body, name)
         scores = await self._scores(upload.clips)
         return Response(self._prediction(upload, scores).model_dump_json(exclude_none=True), media_type="application/json")
 
