@@ -12,9 +12,10 @@ as /enhance does for a classifier.
 Every classification (classify, classify_batch, group_verdict, and POST /raw/classify, which
 takes the audio file as the request body) goes through one batcher (``serving.batching``): its
 model thread computes the features and scores the batch. Short uploads are decoded on the event
-loop, longer ones in worker threads (``INLINE_DECODE_BYTES``). A client mistake raises a ``ClientError``, which
-``serving.guards`` turns into a 4xx answer naming the problem, in one place for every route; its
-``RequestGuard`` answers mistakes in the request's framing before BentoML parses it.
+loop, longer ones in worker threads (``INLINE_DECODE_BYTES``). A client mistake raises a
+``ClientError``, which ``serving.guards`` turns into a 4xx answer naming the problem, in one
+place for every route; its ``RequestGuard`` answers mistakes in the request's framing before
+BentoML parses it.
 
 Env: SOUNDLINE_MODEL_TAG (BentoML model tag, default: the model the Bento packed, else
 soundline:latest), SOUNDLINE_PARAMS (params file with the ``serve`` section, default params.yaml
