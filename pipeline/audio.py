@@ -238,12 +238,15 @@ def signal_stats(samples: np.ndarray, sample_rate: int) -> dict[str, float]:
     mono = to_mono(samples)
     frame = max(1, sample_rate // 50)
     usable = len(mono) // frame * frame
-    frame_rms = np.sqrt(np.mean(mono[:usable].reshape(-1, frame) ** 2, axis=1)) if usable else np.zeros(1)
-    magnitude = np.abs(samples)
+    frames = mono[:usable].reshape(-1, frame)
+    # a frame is silent when its mean square is below SILENCE_RMS ** 2: no square roots needed
+    frame_energy = np.einsum("ij,ij->i", frames, frames) if usable else np.zeros(1)
     flat = samples.reshape(-1)
-    return {"peak": float(magnitude.max()), "rms": float(np.sqrt(np.dot(flat, flat) / flat.size)),
-            "clipping_fraction": float(np.count_nonzero(magnitude >= CLIP_LEVEL) / flat.size),
-            "silence_fraction": float(np.mean(frame_rms < SILENCE_RMS))}
+    peak = float(max(flat.max(), -flat.min()))
+    clipped = np.count_nonzero(np.abs(flat) >= CLIP_LEVEL) if peak >= CLIP_LEVEL else 0  # usually none
+    return {"peak": peak, "rms": float(np.sqrt(np.dot(flat, flat) / flat.size)),
+            "clipping_fraction": clipped / flat.size,
+            "silence_fraction": float(np.count_nonzero(frame_energy < SILENCE_RMS ** 2 * frame) / len(frame_energy))}
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
