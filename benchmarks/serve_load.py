@@ -1,8 +1,8 @@
-"""Load benchmark of the BentoML service on loopback: adaptive batching vs none vs the raw model.
+"""Load benchmark of the BentoML service on loopback: batching vs none vs the raw model.
 
     python benchmarks/serve_load.py [--model trained] [--device cpu] [--requests 2000] [--concurrency 32] [--soak-s 60]
 
-(a) POST /raw/classify (the clip as the request body) with adaptive batching, and the same
+(a) POST /raw/classify (the clip as the request body) with batching (serving/batching.py), and the same
 load on the multipart /classify; (b) the same service started with SOUNDLINE_BATCHING=0 (each
 request calls features + model itself, one clip per call); (c) the service's batched call alone
 (features + forward of 32 fixed-length waves), in serve.workers processes of serve.torch_threads

@@ -131,7 +131,7 @@ class Soundline(Enhancing):
         logging.getLogger("bentoml.soundline").info("model forward in chunks of %d clips", self.chunk)
         # Created here, not at import: BentoML sets up multiprocess Prometheus before __init__.
         self.batch_sizes = prometheus_client.Histogram(
-            "soundline_model_batch_size", "Clips per model call (adaptive batching)",
+            "soundline_model_batch_size", "Clips per model call (serving.batching)",
             buckets=[2 ** i for i in range(self.settings.max_batch_size.bit_length() + 1)])
         self.drift_failures = prometheus_client.Counter(
             "soundline_drift_failures", "Inputs outside the training data's profile, per failed check", ["check"])
