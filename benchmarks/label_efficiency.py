@@ -4,8 +4,9 @@
 Per held-out speaker, through the pipeline's stages: the pretrain stage fits the masked
 autoencoder on every training clip of the other five speakers (no labels); the train stage then
 fine-tunes the MAE's encoder with a classification head on a seeded, stratified 10% of those
-clips (``train.init_from_pretrain: true``, layer-wise lr decay ``LAYER_DECAY``), and trains the identical network from random weights
-on the same 10% (``false``). Features as in ``benchmarks/fsdd_params.yaml``.
+clips (``--label-fraction``; ``train.init_from_pretrain: true``, layer-wise lr decay
+``LAYER_DECAY``), and trains the identical network from random weights on the same 10%
+(``false``). Features as in ``benchmarks/fsdd_params.yaml``.
 
 Writes benchmarks/results/label_efficiency.json; the last line is
 ``label_efficiency_pretraining_gain=X`` (mean accuracy difference, pretrained minus scratch).
@@ -52,6 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fsdd", type=Path, default=ROOT.parent / "shared" / "data" / "fsdd" / "recordings")
     parser.add_argument("--speakers", nargs="+", choices=SPEAKERS, default=list(SPEAKERS))
+    parser.add_argument("--label-fraction", type=float, default=0.1,
+                        help="share of the training clips with labels (1.0: the MAE recipe on every label)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "label_efficiency.json")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -60,7 +63,8 @@ def main() -> None:
         work = Path(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
         recipe = yaml.safe_load((ROOT / "benchmarks" / "fsdd_params.yaml").read_text())
-        params = write_params(work / "params.yaml", recipe, OVERRIDES)
+        overrides = {**OVERRIDES, "train": {**OVERRIDES["train"], "label_fraction": args.label_fraction}}
+        params = write_params(work / "params.yaml", recipe, overrides)
         raw = work / "raw"
         ingest.ingest(args.fsdd, ingest.scan(args.fsdd, PATTERN), raw)
         validate_raw.run(raw, load_section("validate_raw", validate_raw.RawParams, params), work / "manifest.parquet",
@@ -90,7 +94,8 @@ def main() -> None:
             folds[speaker] = result
             print(speaker, json.dumps(result), flush=True)
     gain = float(np.mean([r["pretrained"] - r["scratch"] for r in folds.values()]))
-    result = {"folds": folds, "label_fraction": 0.1, "model": MODEL, "overrides": OVERRIDES, "layer_decay": LAYER_DECAY,
+    result = {"folds": folds, "label_fraction": args.label_fraction, "model": MODEL, "overrides": overrides,
+              "layer_decay": LAYER_DECAY,
               "mean": {k: round(float(np.mean([r[k] for r in folds.values()])), 4) for k in ("scratch", "pretrained", "baseline")},
               "pretraining_gain": round(gain, 4), "seconds": round(time.perf_counter() - start, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
