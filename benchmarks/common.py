@@ -1,5 +1,6 @@
 """Shared by benchmarks/loader.py and benchmarks/train_overhead.py: their common CLI options,
-the real features they time on, and how they write their result.
+the real features they time on, and how they write their result; by the FSDD benchmarks: the
+held-out features of a fold, and ``--set`` overrides of params.
 
 Features: ``--features``, else the repo's data/features (``dvc repro``), else the default
 corpus is built and featurized into a tmp dir with the pipeline's own functions.
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -113,3 +115,14 @@ def held_out(source: Path, test: np.ndarray, out: Path | None = None) -> Path:
     folder.write(index, meta.model_copy(update={"features": meta.features.model_copy(update={"band_norm": True}),
                                                 "band_norm": norm}))
     return folder.path
+
+
+def setting(text: str) -> dict:
+    """``a.b.c=value`` (the value in YAML) -> {"a": {"b": {"c": value}}}, as ``dvc exp run -S``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected section.key=value")
+    nested: dict = yaml.safe_load(value)
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested

@@ -32,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import held_out  # noqa: E402
+from common import held_out, setting  # noqa: E402
 from pipeline.config import load_section  # noqa: E402
 from pipeline.contracts import FeaturesFolder  # noqa: E402
 from pipeline.data import ingest  # noqa: E402
@@ -42,17 +42,6 @@ PATTERN = r"(?P<label>\d)_(?P<group>[a-z]+)_\d+\.wav"
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
 FIXED = ("nicolas", "yweweler")
 FOLDS = {**{f"loso_{s}": (s,) for s in SPEAKERS}, "fixed": FIXED}
-
-
-def setting(text: str) -> dict:
-    """``a.b.c=value`` (the value in YAML) -> {"a": {"b": {"c": value}}}, as ``dvc exp run -S``."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--set {text!r}: expected section.key=value")
-    nested: dict = yaml.safe_load(value)
-    for part in reversed(key.split(".")):
-        nested = {part: nested}
-    return nested
 
 
 def params(out: Path, epochs: int | None, seed: int | None = None, sets: list[dict] | None = None) -> Path:

@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import held_out  # noqa: E402
+from common import held_out, setting  # noqa: E402
 from pipeline.config import load_section  # noqa: E402
 from pipeline.contracts import FeaturesFolder  # noqa: E402
 from pipeline.data import ingest  # noqa: E402
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--speakers", nargs="+", choices=SPEAKERS, default=list(SPEAKERS))
     parser.add_argument("--label-fraction", type=float, default=0.1,
                         help="share of the training clips with labels (1.0: the MAE recipe on every label)")
+    parser.add_argument("--set", type=setting, action="append", dest="sets", metavar="SECTION.KEY=VALUE",
+                        help="override a param after the benchmark's own (repeatable), as `dvc exp run -S`")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "label_efficiency.json")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -64,7 +66,7 @@ def main() -> None:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
         recipe = yaml.safe_load((ROOT / "benchmarks" / "fsdd_params.yaml").read_text())
         overrides = {**OVERRIDES, "train": {**OVERRIDES["train"], "label_fraction": args.label_fraction}}
-        params = write_params(work / "params.yaml", recipe, overrides)
+        params = write_params(work / "params.yaml", recipe, overrides, *(args.sets or []))
         raw = work / "raw"
         ingest.ingest(args.fsdd, ingest.scan(args.fsdd, PATTERN), raw)
         validate_raw.run(raw, load_section("validate_raw", validate_raw.RawParams, params), work / "manifest.parquet",
@@ -94,7 +96,7 @@ def main() -> None:
             folds[speaker] = result
             print(speaker, json.dumps(result), flush=True)
     gain = float(np.mean([r["pretrained"] - r["scratch"] for r in folds.values()]))
-    result = {"folds": folds, "label_fraction": args.label_fraction, "model": MODEL, "overrides": overrides,
+    result = {"folds": folds, "label_fraction": args.label_fraction, "model": MODEL, "overrides": overrides, "sets": args.sets or [],
               "layer_decay": LAYER_DECAY,
               "mean": {k: round(float(np.mean([r[k] for r in folds.values()])), 4) for k in ("scratch", "pretrained", "baseline")},
               "pretraining_gain": round(gain, 4), "seconds": round(time.perf_counter() - start, 1)}
