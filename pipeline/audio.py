@@ -175,7 +175,10 @@ def probe(source: Source, name: str | None = None) -> AudioInfo:
     """Read the header of ``source`` (path or bytes) after the same checks as :func:`decode`."""
     label = _name(source, name)
     data = _raw_bytes(source, label)
-    _check_riff(data, label)
+    wav = _check_riff(data, label)
+    plain = _plain_info(wav) if wav else None
+    if plain is not None:
+        return plain
     with _open(data, label) as f:
         return _info(f)
 
@@ -206,7 +209,7 @@ def decode(source: Source, name: str | None = None,
     data = _raw_bytes(source, label)
     wav = _check_riff(data, label)
     plain = _plain_info(wav) if wav else None
-    if plain:
+    if plain is not None:
         _check_duration(plain, max_duration_s, label)
         samples, info = _read_plain(data, wav, plain), plain
     else:

@@ -67,10 +67,12 @@ def test_numpy_read_of_plain_wavs_equals_libsndfile(subtype: str, channels: int)
     wave[:2, 0] = [-1.0, 1.0]
     data = wav_bytes(wave, subtype=subtype) + b"LIST" + struct.pack("<I", 4) + b"INFO"
     expected, _ = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        header = audio.AudioInfo(f.samplerate, f.channels, f.frames, f.subtype, 16 if subtype == "PCM_16" else 32)
     samples, info = audio.decode(data)
     assert samples.dtype == np.float32 and samples.flags.c_contiguous and samples.flags.writeable
     np.testing.assert_array_equal(samples, expected)
-    assert info == audio.probe(data)
+    assert info == header == audio.probe(data)
 
 
 def test_decode_reads_a_path_like_bytes(tmp_path: Path) -> None:
