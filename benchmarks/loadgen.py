@@ -2,16 +2,24 @@
 (``serve_load.py``, ``enhance_serve.py``): start a service and wait until it is ready, drive it
 with a closed loop of concurrent clients, and account the CPU time that server and client spend
 per request.
+
+Two clients: :func:`wrk_load` (wrk, the C load generator: ``apt-get install wrk``) measures
+throughput, since the client shares the machine's cores with the server and wrk spends a
+fraction of a Python client's CPU per request; :func:`load` (aiohttp) checks every answer's body.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -134,14 +142,80 @@ async def load(url: str, clips: list[bytes], concurrency: int, requests: int | N
             "max_ms": round(float(ms.max()), 1)}
 
 
-def timed_load(server: Server, clips: list[bytes], concurrency: int, **kwargs) -> dict:
-    """:func:`load` against ``server``, with the CPU milliseconds per request that the server's
-    process tree and this client each spent (both share the machine's cores)."""
-    server0, client0 = server.cpu_s(), sum(psutil.Process().cpu_times()[:2])
-    result = asyncio.run(load(server.url, clips, concurrency, **kwargs))
-    server_s, client_s = server.cpu_s() - server0, sum(psutil.Process().cpu_times()[:2]) - client0
-    return {**result, "server_cpu_ms": round(server_s / result["requests"] * 1000, 3),
-            "client_cpu_ms": round(client_s / result["requests"] * 1000, 3)}
+# wrk's script: cycles through prebuilt requests, counts answers by status, and reports in JSON.
+# "Connection: close" opens a fresh connection per request, for the reason given in :func:`load`.
+_WRK_LUA = """
+local bodies, requests, i = {BODIES}, {{}}, 0
+init = function()
+  for k, path in ipairs(bodies) do
+    local f = io.open(path, "rb"); local body = f:read("*all"); f:close()
+    requests[k] = wrk.format("POST", "{PATH}", {{["Content-Type"] = "{TYPE}", ["Connection"] = "close"}}, body)
+  end
+end
+request = function() i = i % #requests + 1; return requests[i] end
+statuses = {{}}
+response = function(status) if status ~= 200 then statuses[status] = (statuses[status] or 0) + 1 end end
+local threads = {{}}
+setup = function(thread) table.insert(threads, thread) end
+done = function(summary, latency)
+  local errors = {{}}
+  for _, t in ipairs(threads) do
+    for status, n in pairs(t:get("statuses")) do errors[tostring(status)] = (errors[tostring(status)] or 0) + n end
+  end
+  for _, kind in ipairs({{"connect", "read", "write", "timeout"}}) do
+    if summary.errors[kind] > 0 then errors[kind] = summary.errors[kind] end
+  end
+  local parts = {{}}
+  for k, n in pairs(errors) do table.insert(parts, string.format('"%s": %d', k, n)) end
+  io.write(string.format('WRK {{"requests": %d, "duration_us": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, ' ..
+    '"max_us": %d, "errors": {{%s}}}}\\n', summary.requests, summary.duration, latency:percentile(50),
+    latency:percentile(90), latency:percentile(99), latency.max, table.concat(parts, ", ")))
+end
+"""
+
+
+def multipart(body: bytes, field: str = "audio", filename: str = "clip.wav") -> tuple[bytes, str]:
+    """A one-file multipart/form-data body and its content type."""
+    boundary = "soundline-load-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            "Content-Type: audio/wav\r\n\r\n").encode()
+    return head + body + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def wrk_load(server: Server, clips: list[bytes], concurrency: int, duration_s: int, raw: bool = True,
+             route: str = "classify") -> dict:
+    """wrk's closed loop of ``concurrency`` connections for ``duration_s`` (whole seconds, as wrk
+    takes them), cycling through ``clips``:
+    POST /raw/<route> with the clip as the body (``raw``), else /<route> as a multipart form.
+
+    Returns the counts, rate and latency percentiles, errors by status (or socket error), and the
+    CPU milliseconds per request of the server's process tree and of wrk.
+    """
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: the serving benchmarks' load client (Debian: apt-get install wrk)")
+    with tempfile.TemporaryDirectory(prefix="wrk_") as tmp:
+        paths = []
+        for k, clip in enumerate(clips):
+            body, content_type = (clip, "audio/wav") if raw else multipart(clip)
+            paths.append(Path(tmp) / f"body{k}")
+            paths[-1].write_bytes(body)
+        script = Path(tmp) / "load.lua"
+        script.write_text(_WRK_LUA.format(BODIES="{" + ", ".join(f'"{p}"' for p in paths) + "}",
+                                          PATH=f"/raw/{route}?name=clip.wav" if raw else f"/{route}", TYPE=content_type))
+        server0, client0 = server.cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        run = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{duration_s}s", "--timeout", "60s", "-s", str(script),
+                              server.url], capture_output=True, text=True)
+        if run.returncode or "WRK " not in run.stdout:
+            raise RuntimeError(f"wrk failed ({run.returncode}):\n{run.stdout}{run.stderr}")
+        client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = json.loads(run.stdout.split("WRK ", 1)[1].splitlines()[0])
+    n = out["requests"]
+    client_s = client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime
+    return {"requests": n, "errors": out["errors"], "wall_s": round(out["duration_us"] / 1e6, 2),
+            "rps": round(n / out["duration_us"] * 1e6, 1),
+            **{f"{q}_ms": round(out[f"{q}_us"] / 1000, 1) for q in ("p50", "p90", "p99", "max")},
+            "server_cpu_ms": round((server.cpu_s() - server0) / n * 1000, 3),
+            "client_cpu_ms": round(client_s / n * 1000, 3)}
 
 
 def model_calls(url: str) -> dict:

@@ -1,6 +1,6 @@
 """Load benchmark of the BentoML service on loopback: batching vs none vs the raw model.
 
-    python benchmarks/serve_load.py [--model trained] [--device cpu] [--requests 2000] [--concurrency 32] [--soak-s 60]
+    python benchmarks/serve_load.py [--model trained] [--device cpu] [--burst-s 5] [--concurrency 32] [--soak-s 60]
 
 (a) POST /raw/classify (the clip as the request body) with batching (serving/batching.py), and the same
 load on the multipart /classify; (b) the same service started with SOUNDLINE_BATCHING=0 (each
@@ -10,7 +10,9 @@ threads as the service runs it: the ceiling; and (d) that call on one clip at a 
 model's own batching gain: a/b can exceed it only by what batching saves outside the model, so
 where c/d < 3 the a/b goal is out of reach for that model on these cores. Then a soak of (a):
 errors and the server process tree's RSS growth. Every request is a 1 s, 16 kHz, 16-bit
-speech-like clip; the load client runs on the same cores as the server. Each load phase also
+speech-like clip, and each request opens a fresh connection. The load client is wrk (C; needs
+``apt-get install wrk``): it runs on the same cores as the server, and a Python client would take
+several times its CPU. Each load phase also
 reports the CPU milliseconds per request of the server's processes and of the client; and the
 same load on ``serve_floor.py`` (the framework alone: a no-op route in the same configuration)
 gives the highest a/c these cores allow for this model (``batched_over_raw_bound``); the
@@ -28,7 +30,6 @@ the last line is batched_over_raw=X.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import os
@@ -50,7 +51,7 @@ from pipeline.features import FeatureParams, fit_length  # noqa: E402
 from pipeline.models.inference import ExportedModel, fastest_batch_size  # noqa: E402
 from pipeline.scoring import score_clips  # noqa: E402
 
-from loadgen import Server, load, model_calls, timed_load  # noqa: E402
+from loadgen import Server, model_calls, wrk_load  # noqa: E402
 
 
 def clip(seed: int) -> bytes:
@@ -99,12 +100,12 @@ def serve_run(env: dict, log: Path, clips: list[bytes], args: argparse.Namespace
     multipart route, a soak and the clips per model call."""
     server = Server(env, log, target, cwd)
     try:
-        asyncio.run(load(server.url, clips, args.concurrency, requests=4 * args.concurrency))  # warm-up
-        result = timed_load(server, clips, args.concurrency, requests=args.requests)
+        wrk_load(server, clips, args.concurrency, duration_s=1)  # warm-up
+        result = wrk_load(server, clips, args.concurrency, args.burst_s)
         if soak:
-            result["multipart"] = timed_load(server, clips, args.concurrency, requests=args.requests, raw=False)
+            result["multipart"] = wrk_load(server, clips, args.concurrency, args.burst_s, raw=False)
             rss0 = server.rss_mb()
-            s = timed_load(server, clips, args.concurrency, duration_s=args.soak_s)
+            s = wrk_load(server, clips, args.concurrency, args.soak_s)
             rss1 = server.rss_mb()
             result["soak"] = {**s, "duration_s": args.soak_s, "rss_start_mb": round(rss0, 1),
                               "rss_end_mb": round(rss1, 1), "rss_growth": round(rss1 / rss0 - 1, 4)}
@@ -160,9 +161,9 @@ def floor_bound(raw: dict, floor: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--burst-s", type=int, default=5, help="seconds of each load phase but the soak")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--soak-s", type=float, default=60.0)
+    parser.add_argument("--soak-s", type=int, default=60)
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     parser.add_argument("--model", default="trained",
                         help="mae-<preset> | cnn (random weights) | trained (models/train)")

@@ -120,20 +120,19 @@ def multipart_problem(body: bytes, content_type: str, fields: dict[str, bool]) -
 class RequestGuard:
     """ASGI middleware in front of the service: the upload limit, and the multipart check above.
 
-    ``limit`` gives the upload limit in bytes (read from the running service, whose constructor
-    loads the settings); ``fields`` maps each API's path to the form fields it takes (name:
-    whether it is a file upload).
+    ``limit`` is the upload limit in bytes; ``fields`` maps each API's path to the form fields it
+    takes (name: whether it is a file upload).
     A multipart body is buffered (within the limit), checked, then handed on unchanged.
     """
 
-    def __init__(self, app: Any, fields: dict[str, dict[str, bool]], limit: Callable[[], int]) -> None:
+    def __init__(self, app: Any, fields: dict[str, dict[str, bool]], limit: int) -> None:
         self.app, self.fields, self.limit = app, fields, limit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        length, limit = headers.get(b"content-length", b"0"), self.limit()
+        length, limit = headers.get(b"content-length", b"0"), self.limit
         if length.isdigit() and int(length) > limit:
             return await TooLarge(too_large(int(length), limit)).response()(scope, receive, send)
         content_type = headers.get(b"content-type", b"").decode("latin-1")

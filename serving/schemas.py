@@ -29,6 +29,10 @@ class ServeParams(Section):
     drift: Literal["warn", "reject"] = "warn"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the machine has it
 
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
     def process_config(self) -> dict:
         """``@bentoml.service`` arguments for the server processes (workers, timeout, tracing,
         access log); ``benchmarks/serve_floor.py`` serves its no-op route with the same."""

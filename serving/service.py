@@ -36,12 +36,13 @@ import pandas as pd
 import prometheus_client
 import torch
 import yaml
+from bentoml import get_current_service  # bentoml.<name> is resolved by a module __getattr__ on every use
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pipeline import audio
+from pipeline import audio, profile
 from pipeline.config import load_section
 from pipeline.contracts import ModelFolder
 from pipeline.features import FeatureParams, log_mel_batch
@@ -74,12 +75,12 @@ def model_tag() -> str:
 
 @client_errors
 async def _classify_raw(request: Request) -> Response:
-    return await bentoml.get_current_service().classify_raw(request)
+    return await get_current_service().classify_raw(request)
 
 
 @client_errors
 async def _enhance_raw(request: Request) -> Response:
-    return await bentoml.get_current_service().enhance_raw(request)
+    return await get_current_service().enhance_raw(request)
 
 
 # POST /raw/classify and /raw/enhance: plain Starlette routes beside the BentoML APIs; a FastAPI
@@ -91,7 +92,8 @@ raw_app = Starlette(routes=[Route("/classify", _classify_raw, methods=["POST"]),
 # well under a millisecond. Larger ones go to a thread, so a long upload never stalls the others.
 INLINE_DECODE_BYTES = 64 * 1024
 # BentoML reads a service's process-level configuration (workers, tracing, access log) when the
-# class is defined, so these three settings are read at import; everything else in __init__.
+# class is defined, so these settings are read at import (the request guard's upload limit too);
+# everything else in __init__.
 _PROCESS = load_section("serve", ServeParams, params_file())
 
 
@@ -102,7 +104,7 @@ class Soundline(Enhancing):
 
     def __init__(self) -> None:
         self.settings = load_section("serve", ServeParams, params_file())
-        self.max_upload_bytes = int(self.settings.max_upload_mb * 2**20)
+        self.max_upload_bytes = self.settings.max_upload_bytes
         ref = self.model_ref  # at serve time BentoML hands the instance the stored model itself
         stored = ref.resolve() if isinstance(ref, bentoml.models.BentoModel) else ref
         labels = stored.info.labels
@@ -133,10 +135,13 @@ class Soundline(Enhancing):
         self.batch_sizes = prometheus_client.Histogram(
             "soundline_model_batch_size", "Clips per model call (serving.batching)",
             buckets=[2 ** i for i in range(self.settings.max_batch_size.bit_length() + 1)])
-        self.drift_failures = prometheus_client.Counter(
+        # Every series is bound once: each shows from the start (at 0), and a request skips the label lookups.
+        failures = prometheus_client.Counter(
             "soundline_drift_failures", "Inputs outside the training data's profile, per failed check", ["check"])
-        self.drift_inputs = prometheus_client.Counter(
+        self.drift_failures = {check: failures.labels(check=check) for check in profile.CHECKS}
+        inputs = prometheus_client.Counter(
             "soundline_drift_inputs", "Inputs checked by the drift guard", ["in_distribution"])
+        self.drift_inputs = {flag: inputs.labels(in_distribution=str(flag).lower()) for flag in (True, False)}
         self.batching = os.environ.get("SOUNDLINE_BATCHING", "1") != "0"
         self._batcher = Batcher(self._forward_batch, self.settings.max_latency_ms, self.settings.max_batch_size,
                                 self.settings.max_wait_ms)
@@ -180,9 +185,9 @@ class Soundline(Enhancing):
     def _prediction(self, upload: Upload, scores: np.ndarray) -> Prediction:
         """One file's answer (segments aggregate as in evaluate), after the drift guard."""
         scored = answer(self.model, upload, scores, self.profile)
-        self.drift_inputs.labels(in_distribution=str(scored.in_distribution).lower()).inc()
+        self.drift_inputs[scored.in_distribution].inc()
         for check in scored.drift:
-            self.drift_failures.labels(check=check).inc()
+            self.drift_failures[check].inc()
         if scored.drift and self.settings.drift == "reject":
             raise ClientError(f"outside the training data's profile ({', '.join(scored.drift)}); "
                               "serve.drift: reject", upload.name)
@@ -257,6 +262,6 @@ class Soundline(Enhancing):
 
 
 Soundline.add_asgi_middleware(
-    RequestGuard, limit=lambda: bentoml.get_current_service().max_upload_bytes,
+    RequestGuard, limit=_PROCESS.max_upload_bytes,
     fields={f"/{name}": {field: field in api.input_spec.multipart_fields for field in api.input_spec.model_fields}
             for name, api in Soundline.apis.items()})
