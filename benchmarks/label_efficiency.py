@@ -65,6 +65,7 @@ def main() -> None:
         work = Path(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
         recipe = yaml.safe_load((ROOT / "benchmarks" / "fsdd_params.yaml").read_text())
+        del recipe["train"]["model"]  # MODEL replaces the recipe's network, its constructor overrides too
         overrides = {**OVERRIDES, "train": {**OVERRIDES["train"], "label_fraction": args.label_fraction}}
         params = write_params(work / "params.yaml", recipe, overrides, *(args.sets or []))
         raw = work / "raw"
