@@ -185,8 +185,8 @@ def multipart(body: bytes, field: str = "audio", filename: str = "clip.wav") -> 
 def wrk_load(server: Server, clips: list[bytes], concurrency: int, duration_s: int, raw: bool = True,
              route: str = "classify") -> dict:
     """wrk's closed loop of ``concurrency`` connections for ``duration_s`` (whole seconds, as wrk
-    takes them), cycling through ``clips``:
-    POST /raw/<route> with the clip as the body (``raw``), else /<route> as a multipart form.
+    takes them), cycling through ``clips``: POST /raw/<route> with the clip as the body (``raw``),
+    else /<route> as a multipart form.
 
     Returns the counts, rate and latency percentiles, errors by status (or socket error), and the
     CPU milliseconds per request of the server's process tree and of wrk.

@@ -92,8 +92,8 @@ raw_app = Starlette(routes=[Route("/classify", _classify_raw, methods=["POST"]),
 # well under a millisecond. Larger ones go to a thread, so a long upload never stalls the others.
 INLINE_DECODE_BYTES = 64 * 1024
 # BentoML reads a service's process-level configuration (workers, tracing, access log) when the
-# class is defined, so these settings are read at import (the request guard's upload limit too);
-# everything else in __init__.
+# class is defined, so the serve section is read once, at import: those settings, the request
+# guard's upload limit and the service's own all come from it.
 _PROCESS = load_section("serve", ServeParams, params_file())
 
 
@@ -103,7 +103,7 @@ class Soundline(Enhancing):
     model_ref = bentoml.models.BentoModel(model_tag())
 
     def __init__(self) -> None:
-        self.settings = load_section("serve", ServeParams, params_file())
+        self.settings = _PROCESS
         self.max_upload_bytes = self.settings.max_upload_bytes
         ref = self.model_ref  # at serve time BentoML hands the instance the stored model itself
         stored = ref.resolve() if isinstance(ref, bentoml.models.BentoModel) else ref
