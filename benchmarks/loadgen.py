@@ -5,7 +5,9 @@ per request.
 
 Two clients: :func:`wrk_load` (wrk, the C load generator: ``apt-get install wrk``) measures
 throughput, since the client shares the machine's cores with the server and wrk spends a
-fraction of a Python client's CPU per request; :func:`load` (aiohttp) checks every answer's body.
+fraction of a Python client's CPU per request; :func:`load` (aiohttp) checks every answer's body,
+and :func:`aiohttp_load` drives it as :func:`wrk_load` does wrk, for machines without wrk (a GPU
+machine with no package registry).
 """
 from __future__ import annotations
 
@@ -192,7 +194,8 @@ def wrk_load(server: Server, clips: list[bytes], concurrency: int, duration_s: i
     CPU milliseconds per request of the server's process tree and of wrk.
     """
     if shutil.which("wrk") is None:
-        raise SystemExit("wrk not found: the serving benchmarks' load client (Debian: apt-get install wrk)")
+        raise SystemExit("wrk not found: the serving benchmarks' load client (Debian: apt-get install wrk; "
+                         "or serve_load.py --client aiohttp, whose CPU per request is several times wrk's)")
     with tempfile.TemporaryDirectory(prefix="wrk_") as tmp:
         paths = []
         for k, clip in enumerate(clips):
@@ -216,6 +219,16 @@ def wrk_load(server: Server, clips: list[bytes], concurrency: int, duration_s: i
             **{f"{q}_ms": round(out[f"{q}_us"] / 1000, 1) for q in ("p50", "p90", "p99", "max")},
             "server_cpu_ms": round((server.cpu_s() - server0) / n * 1000, 3),
             "client_cpu_ms": round(client_s / n * 1000, 3)}
+
+
+def aiohttp_load(server: Server, clips: list[bytes], concurrency: int, duration_s: int, raw: bool = True,
+                 route: str = "classify") -> dict:
+    """:func:`load` for ``duration_s``, with :func:`wrk_load`'s figures: the client is this process."""
+    server0, client0 = server.cpu_s(), time.process_time()
+    out = asyncio.run(load(server.url, clips, concurrency, duration_s=duration_s, raw=raw, route=route))
+    n = out["requests"]
+    return {**out, "server_cpu_ms": round((server.cpu_s() - server0) / n * 1000, 3),
+            "client_cpu_ms": round((time.process_time() - client0) / n * 1000, 3)}
 
 
 def model_calls(url: str) -> dict:

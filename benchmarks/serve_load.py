@@ -1,6 +1,7 @@
 """Load benchmark of the BentoML service on loopback: batching vs none vs the raw model.
 
     python benchmarks/serve_load.py [--model trained] [--device cpu] [--burst-s 5] [--concurrency 32] [--soak-s 60]
+                                    [--client wrk]
 
 (a) POST /raw/classify (the clip as the request body) with batching (serving/batching.py), and the same
 load on the multipart /classify; (b) the same service started with SOUNDLINE_BATCHING=0 (each
@@ -12,7 +13,8 @@ where c/d < 3 the a/b goal is out of reach for that model on these cores. Then a
 errors and the server process tree's RSS growth. Every request is a 1 s, 16 kHz, 16-bit
 speech-like clip, and each request opens a fresh connection. The load client is wrk (C; needs
 ``apt-get install wrk``): it runs on the same cores as the server, and a Python client would take
-several times its CPU. Each load phase also
+several times its CPU; ``--client aiohttp`` does without it (a GPU machine with no package
+registry, where the server has cores to spare). Each load phase also
 reports the CPU milliseconds per request of the server's processes and of the client; and the
 same load on ``serve_floor.py`` (the framework alone: a no-op route in the same configuration)
 gives the highest a/c these cores allow for this model (``batched_over_raw_bound``); the
@@ -51,7 +53,7 @@ from pipeline.features import FeatureParams, fit_length  # noqa: E402
 from pipeline.models.inference import ExportedModel, fastest_batch_size  # noqa: E402
 from pipeline.scoring import score_clips  # noqa: E402
 
-from loadgen import Server, model_calls, wrk_load  # noqa: E402
+from loadgen import Server, aiohttp_load, model_calls, wrk_load  # noqa: E402
 
 
 def clip(seed: int) -> bytes:
@@ -98,14 +100,15 @@ def serve_run(env: dict, log: Path, clips: list[bytes], args: argparse.Namespace
               target: str = "serving.service:Soundline", cwd: Path = REPO) -> dict:
     """The service at ``target`` under load; ``soak`` (the batched service's run) adds the
     multipart route, a soak and the clips per model call."""
+    drive = wrk_load if args.client == "wrk" else aiohttp_load
     server = Server(env, log, target, cwd)
     try:
-        wrk_load(server, clips, args.concurrency, duration_s=1)  # warm-up
-        result = wrk_load(server, clips, args.concurrency, args.burst_s)
+        drive(server, clips, args.concurrency, duration_s=1)  # warm-up
+        result = drive(server, clips, args.concurrency, args.burst_s)
         if soak:
-            result["multipart"] = wrk_load(server, clips, args.concurrency, args.burst_s, raw=False)
+            result["multipart"] = drive(server, clips, args.concurrency, args.burst_s, raw=False)
             rss0 = server.rss_mb()
-            s = wrk_load(server, clips, args.concurrency, args.soak_s)
+            s = drive(server, clips, args.concurrency, args.soak_s)
             rss1 = server.rss_mb()
             result["soak"] = {**s, "duration_s": args.soak_s, "rss_start_mb": round(rss0, 1),
                               "rss_end_mb": round(rss1, 1), "rss_growth": round(rss1 / rss0 - 1, 4)}
@@ -165,6 +168,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--soak-s", type=int, default=60)
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    parser.add_argument("--client", choices=["wrk", "aiohttp"], default="wrk",
+                        help="load client: wrk (apt-get install wrk), or aiohttp where wrk is missing")
     parser.add_argument("--model", default="trained",
                         help="mae-<preset> | cnn (random weights) | trained (models/train)")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/serve_load[_<model>].json")
@@ -200,7 +205,7 @@ def main() -> None:
     ratio = batched["rps"] / unbatched["rps"]
     result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "clip": "1 s, 16 kHz, PCM_16", "concurrency": args.concurrency, "model": args.model,
-              "device": args.device,
+              "device": args.device, "client": args.client,
               "route": "/raw/classify (batched.multipart: /classify)",
               "batched": batched, "unbatched": unbatched, "raw_forward": raw, "raw_forward_one_clip": raw_single,
               "model_batching_gain": round(raw["clips_per_s"] / raw_single["clips_per_s"], 2),
